@@ -1,0 +1,99 @@
+"""What a draft head is and which target it belongs to, as a small JSON-serialisable dataclass.
+
+The target identity (architecture, sizes and a hash of the LM head) is stored so a head is never silently used with
+a different target: its features and vocabulary would not mean the same thing there.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+KINDS = ("medusa", "eagle")
+_HASHES: dict[tuple, str] = {}
+
+
+def lm_head_sha256(weight: torch.Tensor) -> str:
+    """sha256 of the LM head weights rounded to bfloat16 and stored as fp32 bytes.
+
+    Rounding to bf16 first makes the hash the same whether the target was loaded in fp32 or bf16 (CPU vs GPU).
+    Memoised per tensor version, because hashing a 49152x576 matrix takes a few hundred ms.
+    """
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, str(weight.device), weight._version)
+    if key not in _HASHES:
+        data = weight.detach().to(torch.bfloat16).float().cpu().contiguous()
+        _HASHES[key] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    return _HASHES[key]
+
+
+def _hf_model(target) -> torch.nn.Module:
+    """The Hugging Face CausalLM behind a koala Target (or the model itself when given one)."""
+    from koala.target import Target
+
+    return target.model if isinstance(target, Target) else target
+
+
+def target_identity(target) -> dict:
+    """The fields a head checks before it is used with `target` (a koala Target or an HF CausalLM)."""
+    model = _hf_model(target)
+    cfg = model.config
+    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    return {"architecture": archs[0], "hidden_size": int(cfg.hidden_size),
+            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+            "lm_head_sha256": lm_head_sha256(model.get_output_embeddings().weight)}
+
+
+@dataclass
+class HeadConfig:
+    """kind "medusa" | "eagle"; `layers` = K (residual blocks per Medusa head, decoder layers for EAGLE)."""
+
+    kind: str
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4  # Medusa only: head i predicts the token i+2 steps after the feature's position
+    draft_vocab: list[int] | None = None  # target ids the head can propose, most frequent first; None = all
+    target: dict = field(default_factory=dict)  # identity: architecture, hidden_size, vocab_size, lm_head_sha256
+    target_config: dict | None = None  # EAGLE only: the target's HF config dict, to build its decoder layers
+    own_lm_head: bool = False  # True: a trainable copy of the (restricted) LM head instead of the frozen one
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Unknown head kind {self.kind!r}; choose one of {KINDS}.")
+        if self.layers < 1 or self.num_heads < 1:
+            raise ValueError(f"A head needs layers >= 1 and num_heads >= 1 (got {self.layers}, {self.num_heads}).")
+        if self.kind == "eagle" and not self.target_config:
+            raise ValueError("An EAGLE head needs the target's config (target_config) to build its decoder layers.")
+        if self.draft_vocab is not None:
+            self.draft_vocab = [int(i) for i in self.draft_vocab]
+            bad = [i for i in self.draft_vocab if not 0 <= i < self.vocab_size]
+            if bad or len(set(self.draft_vocab)) != len(self.draft_vocab) or not self.draft_vocab:
+                raise ValueError(f"draft_vocab must be distinct target ids in [0, {self.vocab_size}) "
+                                 f"(first bad id: {bad[0] if bad else 'a duplicate'}).")
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return len(self.draft_vocab) if self.draft_vocab is not None else self.vocab_size
+
+    @classmethod
+    def for_target(cls, target, kind: str, layers: int, num_heads: int = 4, draft_vocab: list[int] | None = None,
+                   own_lm_head: bool = False) -> "HeadConfig":
+        """A config for a new head on `target` (a koala Target or an HF CausalLM)."""
+        model = _hf_model(target)
+        ident = target_identity(model)
+        tcfg = model.config.to_dict() if kind == "eagle" else None
+        return cls(kind=kind, layers=layers, hidden_size=ident["hidden_size"], vocab_size=ident["vocab_size"],
+                   num_heads=num_heads, draft_vocab=draft_vocab, target=ident, target_config=tcfg,
+                   own_lm_head=own_lm_head)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown head config fields {unknown}; was the head saved by a newer koala?")
+        return cls(**data)
