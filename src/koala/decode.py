@@ -50,6 +50,7 @@ class Result:
     stats: Stats
 
 
+@torch.inference_mode()  # the cache holds inference tensors, which may only be edited in place in this mode
 def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
     """Compact the cache after verification: keep positions [0, base) and the accepted tree nodes, in order."""
     k = len(nodes)

@@ -1,0 +1,40 @@
+"""Target loading: local directories, clear errors for what cannot be loaded, and the real default target."""
+import pytest
+import torch
+
+from koala.target import TargetNotFound, load_target, resolve_dtype
+
+
+def test_load_local_directory(saved_tiny_dir):
+    target = load_target(str(saved_tiny_dir))
+    assert target.config.hidden_size == 64 and target.eos_ids == {1}
+    assert target.max_length == 256
+    assert target.device.type == "cpu" and target.dtype == torch.float32
+
+
+def test_missing_targets_fail_clearly(tmp_path):
+    with pytest.raises(TargetNotFound, match="does not exist"):
+        load_target(str(tmp_path / "nothing.gguf"))
+    with pytest.raises(TargetNotFound, match="config.json"):
+        load_target(str(tmp_path))
+    with pytest.raises(TargetNotFound, match="never downloads"):
+        load_target("no-such-org/no-such-model-xyz")
+    with pytest.raises(TargetNotFound, match="neither"):
+        load_target("not a model")
+
+
+def test_dtype_and_device_errors():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float8", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            load_target("smollm2", device="cuda")
+
+
+@pytest.mark.slow
+def test_default_target_is_smollm2(smollm2):
+    cfg = smollm2.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
+    assert smollm2.decode(smollm2.encode("Hi")).strip().endswith("assistant")
