@@ -1,0 +1,66 @@
+"""Medusa drafting: all heads read the target's hidden state at the last committed position at once.
+
+Head i's top-k tokens fill depth i+1 of the tree, rooted at the pending token (the target's own next token). The
+tree is chosen deterministically (q = None), which stays lossless under sampling through accept_sampling.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from koala.acceptance import Sampling
+from koala.drafters.base import Drafter
+from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, chain, grow_dynamic, grow_static, static_tree
+from koala.heads.medusa import MedusaHead
+from koala.tree import DraftTree
+
+TREES = ("chain", "static", "dynamic")
+
+
+class MedusaDrafter(Drafter):
+    name = "medusa"
+
+    def __init__(self, head: MedusaHead, tree: str | Sequence[Path] = "static", depth: int | None = None,
+                 top_k: int | None = None, total_tokens: int | None = None,
+                 acceptance: Sequence[float] | None = None) -> None:
+        heads = head.cfg.num_heads
+        self.head = head
+        self.depth = min(depth or heads, heads)
+        self.top_k = top_k or 4
+        self.total_tokens = total_tokens or 16
+        if isinstance(tree, str):
+            if tree not in TREES:
+                raise ValueError(f"Unknown tree {tree!r}; choose one of {TREES} or give a list of paths.")
+            self.kind = tree
+            accept = acceptance or DEFAULT_ACCEPTANCE["medusa"]
+            self.paths = (chain(self.depth) if tree == "chain" else
+                          static_tree(self.total_tokens, self.depth, self.top_k, accept) if tree == "static" else None)
+        else:
+            self.kind, self.paths = "static", list(tree)
+            if max(len(p) for p in self.paths) > heads:
+                raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
+        self.logp: torch.Tensor | None = None
+
+    def reset(self, prompt_ids: list[int]) -> None:
+        self.logp = None
+
+    @torch.inference_mode()
+    def observe(self, hidden: torch.Tensor, next_ids: list[int]) -> None:
+        logits = self.head(hidden[-1:].unsqueeze(0).to(self.head.lm_head.weight.dtype))[0, 0]  # (H, Vd)
+        self.logp = torch.log_softmax(logits.float(), dim=-1)
+
+    def _expand(self, cands: Candidates, nodes: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        level = 0 if nodes[0] < 0 else cands.depth[nodes[0]]  # head `level` predicts depth level+1
+        top = torch.topk(self.logp[level], k)
+        tokens = self.head.lm_head.to_target(top.indices).cpu()
+        return tokens.expand(len(nodes), k), top.values.cpu().expand(len(nodes), k)
+
+    @torch.inference_mode()
+    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+        if self.logp is None:
+            return DraftTree.empty()
+        if self.paths is not None:
+            return grow_static(self.paths, self._expand).tree()
+        cands, keep = grow_dynamic(self._expand, self.depth, self.top_k, self.total_tokens)
+        return cands.tree(keep)
