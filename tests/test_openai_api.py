@@ -1,0 +1,208 @@
+"""The OpenAI-compatible HTTP API, driven over real loopback HTTP (uvicorn in a thread) with httpx and `openai`."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+
+from conftest import tiny_target
+from koala.decode import generate
+from koala.drafters import PromptLookupDrafter
+from koala.openai_api import create_app
+
+MAX_TOKENS = 16
+CHAT = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w6 w7 w5 w6"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(base url, target, app) of a live server on a free loopback port, with a tiny llama and the PLD drafter."""
+    target = tiny_target("llama")
+    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", target, app
+    srv.should_exit = True
+    thread.join(10)
+
+
+def sse(response: httpx.Response) -> list:
+    """The JSON payloads of a server-sent event stream, with the closing [DONE] kept as a string."""
+    events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_chat_completion_is_the_greedy_answer_with_stats(server):
+    url, target, _ = server
+    reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS)
+    body = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30).json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": reference.text}
+    assert body["usage"]["prompt_tokens"] == len(target.encode(CHAT))
+    assert body["usage"]["completion_tokens"] == len(reference.tokens)
+    assert body["koala"]["drafter"] == "pld" and body["koala"]["target_forwards"] > 0
+    assert body["koala"]["tau"] == pytest.approx(len(reference.tokens) / body["koala"]["target_forwards"], abs=1e-3)
+
+
+def test_chat_stream_is_sse_in_openai_chunk_format(server):
+    url, target, _ = server
+    reference = generate(target, CHAT, max_new_tokens=8)
+    req = {"messages": CHAT, "stream": True, "max_tokens": 8, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == reference.text
+    last = chunks[-2]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["koala"]["target_forwards"] > 0
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(reference.tokens)
+
+
+def test_text_completion_stream_and_not(server):
+    url, target, _ = server
+    reference = generate(target, target.encode("w5 w6 w7 w5", chat=False), max_new_tokens=10)
+    req = {"prompt": "w5 w6 w7 w5", "max_tokens": 10}
+    body = httpx.post(f"{url}/v1/completions", json=req, timeout=30).json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == reference.text
+    with httpx.stream("POST", f"{url}/v1/completions", json={**req, "stream": True}, timeout=30) as r:
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reference.text
+
+
+def test_stop_strings_cut_the_answer(server):
+    url, target, _ = server
+    reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
+    stop = " " + reference.split()[3]
+    for stream in (False, True):
+        req = {"messages": CHAT, "stop": stop, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=30) as r:
+                chunks = sse(r)[:-1]
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            choice = httpx.post(f"{url}/v1/chat/completions", json=req, timeout=30).json()["choices"][0]
+            text, finish = choice["message"]["content"], choice["finish_reason"]
+        assert text == reference[:reference.index(stop)] and finish == "stop"
+
+
+def test_models_and_health(server):
+    url, _, _ = server
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-llama"
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_the_official_openai_client(server):
+    openai = pytest.importorskip("openai")
+    url, target, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
+    out = client.chat.completions.create(model="tiny-llama", messages=CHAT)
+    assert out.choices[0].message.content == reference and out.usage.total_tokens > 0
+    assert out.model_extra["koala"]["target_forwards"] > 0
+    stream = client.chat.completions.create(model="tiny-llama", messages=CHAT, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reference
+    text = client.completions.create(model="tiny-llama", prompt="w5 w6", max_tokens=5).choices[0].text
+    assert text == generate(target, target.encode("w5 w6", chat=False), max_new_tokens=5).text
+    assert [m.id for m in client.models.list()] == ["tiny-llama"]
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny-llama", messages=CHAT, temperature=-0.5)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+
+
+BAD_REQUESTS = [
+    ("/v1/chat/completions", b'{"messages": [', "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", "must be a JSON object"),
+    ("/v1/chat/completions", {"model": "tiny-llama"}, "messages: Field required"),
+    ("/v1/chat/completions", {"messages": []}, "messages: List should have at least 1 item"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, "unknown field 'logprobs'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5", "extra": 1}]}, "unknown field"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "w5"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, "conversation is empty"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_p": 1.5}, "top_p"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, "only n=1"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": "yes please"}, "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5 " * 300}]}, "context holds 256"),
+    ("/v1/completions", {"prompt": "w5 " * 300, "stream": True}, "context holds 256"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "w5", "echo": True}, "unknown field 'echo'"),
+]
+
+
+@pytest.mark.parametrize("path,body,message", BAD_REQUESTS)
+def test_bad_requests_get_a_clear_4xx(server, path, body, message):
+    url, _, _ = server
+    if isinstance(body, bytes):
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+    else:
+        r = httpx.post(url + path, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_client_leaving_a_stream_does_not_hurt_the_next_request(server):
+    url, target, _ = server
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
+                      json={"prompt": "w5 w6", "max_tokens": 200, "stream": True}) as r:
+        next(r.iter_lines())  # read one event, then hang up
+    reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
+    body = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30).json()
+    assert body["choices"][0]["message"]["content"] == reference
+
+
+def test_concurrent_requests_are_queued_and_all_complete(server):
+    """~20 clients at once (half streaming): every answer is whole and equal to the single-request greedy one."""
+    url, target, app = server
+    reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
+    engine = app.state.engine
+    run, active, peak = engine.run, [0], [0]
+
+    def tracked(*args):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return run(*args)
+        finally:
+            active[0] -= 1
+
+    def one(i: int) -> str:
+        req = {"messages": CHAT, "stream": i % 2 == 1}
+        with httpx.Client(timeout=60) as client:
+            if not req["stream"]:
+                return client.post(f"{url}/v1/chat/completions", json=req).json()["choices"][0]["message"]["content"]
+            with client.stream("POST", f"{url}/v1/chat/completions", json=req) as r:
+                events = sse(r)
+            assert events[-1] == "[DONE]"
+            return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+
+    engine.run = tracked
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(one, range(20), timeout=120))
+    finally:
+        engine.run = run
+    assert answers == [reference] * 20
+    assert peak[0] == 1  # the model never ran two requests at once

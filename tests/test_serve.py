@@ -1,0 +1,108 @@
+"""The serving engine (one worker, stop strings, cancellation) and the `koala serve` command's argument checks."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import tiny_target
+from koala.acceptance import Sampling
+from koala.cli import main
+from koala.decode import generate
+from koala.drafters import PromptLookupDrafter
+from koala.serve import Engine, Job, StopScanner, _is_loopback
+
+
+def scan(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    scanner, out = StopScanner(stops), []
+    for piece in pieces:
+        text, hit = scanner.feed(piece)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    return "".join(out) + scanner.flush(), False
+
+
+def test_stop_scanner_finds_stops_split_across_pieces():
+    assert scan(["END"], ["abc E", "N", "D more"]) == ("abc ", True)
+    assert scan(["xy", "b"], ["a", "bxy"]) == ("a", True)  # the earliest stop wins
+    assert scan(["END"], ["abc E", "Nx"]) == ("abc ENx", False)  # a false start is released, not lost
+    assert scan([], ["a", "b"]) == ("ab", False)
+    scanner = StopScanner(["END"])
+    assert scanner.feed("abc EN") == ("abc ", False)  # the possible start of a stop is held back
+
+
+def job(target, prompt: str, n: int = 12, stops: list[str] | None = None) -> Job:
+    return Job(target.encode(prompt), Sampling(), n, None, stops or [])
+
+
+def test_engine_matches_generate_and_honours_stops():
+    target = tiny_target("llama")
+    engine = Engine(target, PromptLookupDrafter())
+    reference = generate(target, "w5 w6 w7", max_new_tokens=12)
+    pieces = []
+    out = engine.run(job(target, "w5 w6 w7"), pieces.append)
+    assert out.text == "".join(pieces) == reference.text
+    assert out.stats.new_tokens == len(reference.tokens)
+    assert out.finish_reason == ("stop" if reference.tokens[-1] in target.eos_ids else "length")
+
+    word = reference.text.split()[2]
+    cut = engine.run(job(target, "w5 w6 w7", stops=[" " + word]))
+    assert cut.text == reference.text[:reference.text.index(" " + word)] and cut.finish_reason == "stop"
+
+
+def test_engine_cancellation_stops_or_skips_a_job():
+    target = tiny_target("llama")
+    engine = Engine(target)
+    queued = job(target, "w5 w6", n=30)
+    queued.cancelled.set()  # the client left while waiting in the queue
+    assert engine.run(queued).stats.target_forwards == 0
+
+    running = job(target, "w5 w6", n=30)
+    out = engine.run(running, lambda _: running.cancelled.set())  # the client leaves after the first piece
+    assert 0 < out.stats.new_tokens < 30 and out.finish_reason == "stop"
+
+
+def test_engine_runs_submitted_jobs_one_at_a_time():
+    target = tiny_target("llama")
+    engine = Engine(target)
+    active, peak = 0, 0
+    run = engine.run
+
+    def tracked(*args):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            return run(*args)
+        finally:
+            active -= 1
+
+    engine.run = tracked
+
+    async def many():
+        return await asyncio.gather(*(engine.submit(job(target, "w5 w6 w7", n=8)) for _ in range(6)))
+
+    outs = asyncio.run(many())
+    engine.shutdown()
+    assert peak == 1 and len({o.text for o in outs}) == 1 and engine.waiting == 0
+
+
+def test_loopback_detection():
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4")
+
+
+def test_serve_command_rejects_a_bad_port(saved_tiny_dir, capsys):
+    assert main(["serve", "--target", str(saved_tiny_dir), "--port", "70000"]) == 2
+    assert "not a TCP port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stops", [["a"] * 5, [""]])
+def test_bad_stop_lists_are_refused(stops):
+    from pydantic import ValidationError
+
+    from koala.openai_api import CompletionRequest
+
+    with pytest.raises(ValidationError, match="at most 4 non-empty stop strings"):
+        CompletionRequest(prompt="w5", stop=stops)
