@@ -1,0 +1,380 @@
+"""`koala bench`: Spec-Bench-style speed comparison of decoding methods on MT-bench-form question files.
+
+Definitions (as in Spec-Bench): every method is warmed up before timing; methods are interleaved per question so
+they share the machine's noise; speedup = mean over questions of (tokens/s / vanilla's tokens/s on the same
+question); tau = new tokens per target forward (bonus token included); exact_match = share of questions whose
+output is token-identical to vanilla's (only reported when greedy, where lossless methods must match).
+Multi-turn questions are answered turn by turn, each turn's prompt holding the method's own earlier answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from koala.acceptance import Sampling
+from koala.decode import Stats, stream_tokens
+from koala.drafters import Drafter, PromptLookupDrafter
+from koala.target import Target
+
+BASELINE = "vanilla"
+BUILTIN = ("vanilla", "hf-generate", "hf-prompt-lookup", "pld")
+HEAD_OPTIONS = {"tree": str, "depth": int, "top_k": int, "total_tokens": str}
+PLD_OPTIONS = {"max_ngram": int, "num_tokens": int, "min_ngram": int}
+HF_PLD_OPTIONS = {"num_tokens": int, "max_ngram": int}
+
+
+@dataclass
+class Run:
+    """One generation: its tokens, wall seconds, target forwards (None if unknown) and accepted draft lengths."""
+
+    tokens: list[int]
+    seconds: float
+    forwards: int | None
+    accepted_lengths: list[int] = field(default_factory=list)
+
+
+# (prompt ids, sampling, max new tokens, seed) -> Run
+Runner = Callable[[list[int], Sampling, int, int | None], Run]
+
+
+@dataclass
+class MethodSpec:
+    """A parsed --method NAME=SPEC: a builtin kind or a head directory, plus its options."""
+
+    name: str
+    kind: str  # one of BUILTIN, or "head"
+    options: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+def _parse_options(text: str, allowed: dict[str, type], what: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in allowed:
+            raise ValueError(f"Bad option {item!r} for {what}; expected KEY=VALUE with KEY in {sorted(allowed)}.")
+        try:
+            out[key] = allowed[key](value.strip())
+        except ValueError:
+            raise ValueError(f"Option {key} of {what} needs a {allowed[key].__name__}, got {value!r}.") from None
+    return out
+
+
+def parse_method(text: str) -> MethodSpec:
+    """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-prompt-lookup, pld) or a head
+    directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens;
+    pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram)."""
+    name, sep, spec = text.partition("=")
+    if not sep or ":" in name or "/" in name:  # no NAME given: the spec names itself
+        name, spec = "", text
+    spec, _, opts = spec.partition(":")
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(f"Empty method spec in {text!r}; use NAME=SPEC, e.g. pld or heads/x:tree=dynamic.")
+    if spec in BUILTIN:
+        allowed = {"pld": PLD_OPTIONS, "hf-prompt-lookup": HF_PLD_OPTIONS}.get(spec, {})
+        return MethodSpec(name.strip() or spec, spec, _parse_options(opts, allowed, spec))
+    if not Path(spec).is_dir():
+        raise ValueError(f"Method {text!r}: {spec!r} is neither one of {BUILTIN} nor an existing head directory.")
+    return MethodSpec(name.strip() or Path(spec).name, "head", _parse_options(opts, HEAD_OPTIONS, spec), spec)
+
+
+def _koala_runner(target: Target, drafter: Drafter) -> Runner:
+    def run(ids: list[int], sampling: Sampling, max_new: int, seed: int | None) -> Run:
+        stats = Stats()
+        _sync(target.device)
+        start = time.perf_counter()
+        tokens = [t for new in stream_tokens(target, ids, drafter, sampling, max_new, stats, seed=seed) for t in new]
+        _sync(target.device)
+        return Run(tokens, time.perf_counter() - start, stats.target_forwards, list(stats.accepted_lengths))
+
+    return run
+
+
+def _hf_runner(target: Target, extra: dict) -> Runner:
+    """transformers' own generate; target forwards are counted with a forward hook on the model."""
+    model = target.model
+    forwards = [0]
+
+    def count(*_):
+        forwards[0] += 1
+
+    def run(ids: list[int], sampling: Sampling, max_new: int, seed: int | None) -> Run:
+        x = torch.tensor([ids], dtype=torch.long, device=target.device)
+        kw = dict(max_new_tokens=min(max_new, target.max_length - len(ids)), eos_token_id=sorted(target.eos_ids),
+                  pad_token_id=target.tokenizer.pad_token_id or min(target.eos_ids),
+                  attention_mask=torch.ones_like(x), **extra)
+        if sampling.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            if seed is not None:
+                torch.manual_seed(seed)
+        forwards[0] = 0
+        hook = model.register_forward_hook(count)
+        try:
+            _sync(target.device)
+            start = time.perf_counter()
+            out = model.generate(x, **kw)
+            _sync(target.device)
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        return Run(out[0, len(ids):].tolist(), seconds, forwards[0])
+
+    return run
+
+
+def build_runner(spec: MethodSpec, target: Target) -> Runner:
+    """A callable generating with this method on `target`."""
+    o = spec.options
+    if spec.kind == "vanilla":
+        return _koala_runner(target, Drafter())
+    if spec.kind == "pld":
+        return _koala_runner(target, PromptLookupDrafter(**o))
+    if spec.kind == "hf-generate":
+        return _hf_runner(target, {})
+    if spec.kind == "hf-prompt-lookup":
+        return _hf_runner(target, {"prompt_lookup_num_tokens": o.get("num_tokens", 10),
+                                   **({"max_matching_ngram_size": o["max_ngram"]} if "max_ngram" in o else {})})
+    from koala.drafters.factory import drafter_for_head
+
+    drafter = drafter_for_head(spec.path, target, tree=o.get("tree"), depth=o.get("depth"), top_k=o.get("top_k"),
+                               total_tokens=o.get("total_tokens", "auto"))
+    return _koala_runner(target, drafter)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_questions(path: str | Path, limit_per_category: int | None = None) -> tuple[list[dict], int]:
+    """MT-bench-form questions ({"question_id","category","turns":[...]}), the first N per category.
+
+    Returns (questions, number of malformed lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Question file {path} does not exist.")
+    questions, bad, seen = [], 0, defaultdict(int)
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+                turns = q["turns"]
+                ok = isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                bad += 1
+                continue
+            cat = str(q.get("category", "default"))
+            if limit_per_category is not None and seen[cat] >= limit_per_category:
+                continue
+            seen[cat] += 1
+            questions.append({"question_id": q.get("question_id", len(questions)), "category": cat, "turns": turns})
+    if not questions:
+        raise ValueError(f"{path} holds no usable questions ({bad} malformed lines); each line needs "
+                         '{"question_id", "category", "turns": ["..."]}.')
+    return questions, bad
+
+
+def answer(target: Target, runner: Runner, turns: list[str], sampling: Sampling, max_new: int,
+           seed: int | None) -> list[Run]:
+    """Answer a multi-turn question turn by turn; each prompt holds this method's own earlier answers."""
+    messages, runs = [], []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        run = runner(target.encode(messages), sampling, max_new, None if seed is None else seed + i)
+        messages.append({"role": "assistant", "content": target.decode(run.tokens)})
+        runs.append(run)
+    return runs
+
+
+@dataclass
+class QuestionResult:
+    """One method on one question: all turns' tokens, the median seconds over runs, forwards, acceptances."""
+
+    category: str
+    tokens: list[list[int]]
+    seconds: float
+    forwards: int | None
+    accepted_lengths: list[int]
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(map(len, self.tokens))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tau(self) -> float | None:
+        return self.new_tokens / self.forwards if self.forwards else None
+
+
+def run_bench(target: Target, questions: list[dict], methods: dict[str, Runner], sampling: Sampling,
+              max_new_tokens: int, runs: int = 1, seed: int = 0, warmup: int = 1,
+              progress: Iterable | None = None) -> dict[str, list[QuestionResult]]:
+    """Time every method on every question, interleaving methods per question (rotating their order)."""
+    if runs < 1:
+        raise ValueError("--runs must be at least 1.")
+    names = list(methods)
+    for q in questions[:warmup]:
+        for name in names:
+            answer(target, methods[name], q["turns"][:1], sampling, min(max_new_tokens, 32), seed)
+    out: dict[str, list[QuestionResult]] = {n: [] for n in names}
+    for qi, q in enumerate(progress if progress is not None else questions):
+        order = names[qi % len(names):] + names[:qi % len(names)]
+        per: dict[str, list[list[Run]]] = defaultdict(list)
+        for _ in range(runs):
+            for name in order:
+                per[name].append(answer(target, methods[name], q["turns"], sampling, max_new_tokens,
+                                        seed + 1000 * qi))
+        for name in names:
+            first = per[name][0]
+            seconds = statistics.median(sum(r.seconds for r in rs) for rs in per[name])
+            forwards = None if any(r.forwards is None for r in first) else sum(r.forwards for r in first)
+            out[name].append(QuestionResult(q["category"], [r.tokens for r in first], seconds, forwards,
+                                            [a for r in first for a in r.accepted_lengths]))
+    return out
+
+
+def _aggregate(results: list[QuestionResult], base: list[QuestionResult]) -> dict:
+    tokens = sum(r.new_tokens for r in results)
+    seconds = sum(r.seconds for r in results)
+    forwards = [r.forwards for r in results]
+    ratios = [r.tokens_per_s / b.tokens_per_s for r, b in zip(results, base) if b.tokens_per_s > 0]
+    return {"tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "speedup": statistics.fmean(ratios) if ratios else None,
+            "tau": tokens / sum(forwards) if None not in forwards and sum(forwards) else None}
+
+
+def summarise(raw: dict[str, list[QuestionResult]], greedy: bool) -> dict:
+    """Per-method and per-category tokens/s, speedup vs vanilla, tau and (greedy only) exact-match rate."""
+    base = raw[BASELINE]
+    methods = {}
+    for name, results in raw.items():
+        entry = _aggregate(results, base)
+        entry["exact_match"] = (statistics.fmean(r.tokens == b.tokens for r, b in zip(results, base))
+                                if greedy else None)
+        cats = defaultdict(list)
+        for i, r in enumerate(results):
+            cats[r.category].append(i)
+        entry["by_category"] = {c: _aggregate([results[i] for i in ix], [base[i] for i in ix])
+                                for c, ix in cats.items()}
+        entry["questions"] = len(results)
+        entry["new_tokens"] = sum(r.new_tokens for r in results)
+        methods[name] = entry
+    return methods
+
+
+def markdown(summary: dict) -> str:
+    """One table over methods, then one table per method by category."""
+    def f(v, fmt="{:.2f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    s = summary["settings"]
+    lines = [f"# koala bench: {summary['target']} on {summary['device']}", "",
+             f"{s['questions']} questions from `{s['questions_file']}`, max {s['max_new_tokens']} new tokens, "
+             f"temperature {s['temperature']}, {s['runs']} run(s) per question (median time).", "",
+             "| method | tokens/s | speedup | tau | exact match |", "|---|---:|---:|---:|---:|"]
+    for name, m in summary["methods"].items():
+        lines.append(f"| {name} | {f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {f(m['tau'])} | "
+                     f"{f(m['exact_match'], '{:.0%}')} |")
+    for name, m in summary["methods"].items():
+        lines += ["", f"## {name}", "", "| category | tokens/s | speedup | tau |", "|---|---:|---:|---:|"]
+        for cat, c in m["by_category"].items():
+            lines.append(f"| {cat} | {f(c['tokens_per_s'], '{:.1f}')} | {f(c['speedup'])}x | {f(c['tau'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], out_dir: str | Path,
+          sampling: Sampling = Sampling(), max_new_tokens: int = 128, runs: int = 1,
+          limit_per_category: int | None = None, seed: int = 0, show_progress: bool = True) -> dict:
+    """Run the benchmark and write results.json, results.md and plots into `out_dir`; returns the results."""
+    from tqdm import tqdm
+
+    questions, malformed = load_questions(questions_file, limit_per_category)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Method names must be unique, got {names}; name them with NAME=SPEC.")
+    specs = [s for s in specs if s.kind != BASELINE or s.name != BASELINE]
+    if BASELINE in {s.name for s in specs}:
+        raise ValueError(f"The name {BASELINE!r} is reserved for the baseline; choose another NAME.")
+    specs = [MethodSpec(BASELINE, BASELINE)] + specs
+    methods = {s.name: build_runner(s, target) for s in specs}
+    bar = tqdm(questions, desc="bench", unit="q", disable=not show_progress)
+    raw = run_bench(target, questions, methods, sampling, max_new_tokens, runs, seed, progress=bar)
+    summary = {
+        "device": _device_name(target.device), "target": target.name,
+        "settings": {"questions_file": str(questions_file), "questions": len(questions),
+                     "malformed_lines": malformed, "limit_per_category": limit_per_category,
+                     "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
+                     "top_p": sampling.top_p, "top_k": sampling.top_k, "runs": runs, "seed": seed,
+                     "torch_threads": torch.get_num_threads(),
+                     "method_specs": {s.name: {"kind": s.kind, "path": s.path, **s.options} for s in specs}},
+        "methods": summarise(raw, sampling.greedy),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(summary))
+    from koala.bench_plots import write_plots
+
+    write_plots(summary, raw, out)
+    return summary
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from koala.cli import target_from_args
+
+    specs = [parse_method(m) for m in args.method]
+    target = target_from_args(args)
+    summary = bench(target, args.questions, specs, args.out, Sampling(args.temperature, args.top_p, args.top_k),
+                    args.max_new_tokens, args.runs, args.limit_per_category, args.seed)
+    print(markdown(summary))
+    if summary["settings"]["malformed_lines"]:
+        print(f"skipped {summary['settings']['malformed_lines']} malformed line(s) in {args.questions}")
+    print(f"wrote {Path(args.out) / 'results.json'}, results.md and plots")
+    return 0
+
+
+def add_command(sub) -> None:
+    from koala.cli import add_target_args
+
+    p = sub.add_parser("bench", help="Spec-Bench-style speed benchmark of decoding methods vs vanilla decoding")
+    p.add_argument("--questions", required=True, help="MT-bench-form JSONL file (question_id, category, turns)")
+    p.add_argument("--limit-per-category", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
+                   help="repeatable; SPEC = vanilla | hf-generate | hf-prompt-lookup | pld | HEAD_DIR, optionally "
+                        "':key=value,...' (heads: tree,depth,top_k,total_tokens). vanilla always runs.")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact-match is reported)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1, help="timed runs per question and method (median is kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
+    add_target_args(p)
+    p.set_defaults(func=_bench)
