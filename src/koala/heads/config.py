@@ -6,6 +6,7 @@ a different target: its features and vocabulary would not mean the same thing th
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -82,7 +83,8 @@ class HeadConfig:
         """A config for a new head on `target` (a koala Target or an HF CausalLM)."""
         model = _hf_model(target)
         ident = target_identity(model)
-        tcfg = model.config.to_dict() if kind == "eagle" else None
+        # through JSON once, so a config read back from disk compares equal (e.g. int keys become strings)
+        tcfg = json.loads(json.dumps(model.config.to_dict())) if kind == "eagle" else None
         return cls(kind=kind, layers=layers, hidden_size=ident["hidden_size"], vocab_size=ident["vocab_size"],
                    num_heads=num_heads, draft_vocab=draft_vocab, target=ident, target_config=tcfg,
                    own_lm_head=own_lm_head)
