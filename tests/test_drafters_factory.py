@@ -1,0 +1,40 @@
+import pytest
+
+from koala.decode import generate
+from koala.drafters.eagle import EagleDrafter
+from koala.drafters.factory import drafter_for_head
+from koala.drafters.medusa import MedusaDrafter
+from koala.heads import save_head
+from test_drafters_medusa import PROMPT, random_head
+
+
+def test_defaults_per_head_kind(llama_target, tmp_path):
+    save_head(random_head(llama_target, "medusa", 2, num_heads=3), tmp_path / "m")
+    save_head(random_head(llama_target, "eagle", 1), tmp_path / "e", extra={"acceptance": [0.8, 1.0]})
+    medusa = drafter_for_head(tmp_path / "m", llama_target, total_tokens="6")
+    assert isinstance(medusa, MedusaDrafter) and medusa.kind == "static" and medusa.depth == 3
+    assert len(medusa.paths) == 6
+    eagle = drafter_for_head(tmp_path / "e", llama_target, total_tokens=5)
+    assert isinstance(eagle, EagleDrafter) and eagle.kind == "dynamic" and eagle.total_tokens == 5
+    chain = drafter_for_head(tmp_path / "e", llama_target, tree="chain", depth=2)
+    assert chain.paths == [(0,), (0, 0)]
+    vanilla = generate(llama_target, PROMPT, max_new_tokens=12)
+    assert generate(llama_target, PROMPT, eagle, max_new_tokens=12).tokens == vanilla.tokens
+
+
+def test_auto_total_tokens_uses_the_cached_profile(llama_target, tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path / "cache"))
+    save_head(random_head(llama_target, "eagle", 1), tmp_path / "e")
+    drafter = drafter_for_head(tmp_path / "e", llama_target, depth=2, top_k=2)
+    assert 1 <= drafter.total_tokens <= 2 + 4
+    assert list((tmp_path / "cache" / "tree_size").glob("*.json"))
+
+
+def test_bad_arguments_are_rejected(llama_target, tmp_path):
+    save_head(random_head(llama_target, "medusa", 1, num_heads=2), tmp_path / "m")
+    with pytest.raises(ValueError, match="deeper than"):
+        drafter_for_head(tmp_path / "m", llama_target, depth=3)
+    with pytest.raises(ValueError, match="total-tokens"):
+        drafter_for_head(tmp_path / "m", llama_target, total_tokens="lots")
+    with pytest.raises(FileNotFoundError):
+        drafter_for_head(tmp_path / "nothing", llama_target)
