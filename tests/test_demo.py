@@ -1,0 +1,34 @@
+"""`koala demo`: the side-by-side core on a tiny model, its table, and the fallback when no head is shipped."""
+from __future__ import annotations
+
+import argparse
+
+from conftest import tiny_target
+from koala.demo import pick_drafter, run_demo, table
+from koala.drafters import PromptLookupDrafter
+
+PROMPTS = [("copy", "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"), ("plain", "w40 w41 w42")]
+
+
+def test_run_demo_streams_and_matches_vanilla():
+    target = tiny_target("llama")
+    shown: list[str] = []
+    rows = run_demo(target, PromptLookupDrafter(max_ngram=2, num_tokens=4), PROMPTS, max_new_tokens=16,
+                    echo=shown.append)
+    assert [r.label for r in rows] == ["copy", "plain"]
+    for r in rows:
+        assert r.same and r.koala_tokens and r.vanilla.tau == 1.0
+        assert r.koala.new_tokens == len(r.koala_tokens)
+    streamed = "".join(shown)
+    for r in rows:  # the KOALA answer is what was streamed
+        assert target.decode(r.koala_tokens) in streamed
+    text = table(rows, "pld")
+    assert "mean" in text and "2/2 identical" in text and text.count("yes") == 2
+
+
+def test_missing_head_falls_back_to_pld(tmp_path, capsys):
+    args = argparse.Namespace(drafter=None, head=str(tmp_path / "no-such-head"), tree=None, depth=None,
+                              draft_top_k=None, total_tokens="auto")
+    drafter, name = pick_drafter(args, tiny_target("llama"))
+    assert name == "pld" and isinstance(drafter, PromptLookupDrafter)
+    assert "no KOALA head found" in capsys.readouterr().err
