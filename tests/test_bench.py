@@ -5,8 +5,11 @@ import json
 
 import pytest
 
+from conftest import tiny_target
 from koala.bench import load_questions, parse_method
 from koala.cli import main
+from koala.heads import save_head
+from test_drafters_medusa import random_head
 
 QUESTIONS = [
     {"question_id": 1, "category": "copy", "turns": ["w5 w6 w7 w8 w5 w6 w7 w8 w5 w6", "w9 w10 w9 w10"]},
@@ -59,14 +62,16 @@ def test_questions_malformed_and_limit(tmp_path):
 def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     qfile = write_questions(tmp_path / "q.jsonl", ["{broken"])
     out = tmp_path / "out"
+    head = save_head(random_head(tiny_target("llama"), "eagle", 1), tmp_path / "eagle-head")  # same weights as saved
     rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "12",
                "--method", "hf-generate", "--method", "pld2=pld:max_ngram=2,num_tokens=4",
-               "--method", "hf-prompt-lookup:num_tokens=4", "--out", str(out)])
+               "--method", "hf-prompt-lookup:num_tokens=4",
+               "--method", f"ek={head}:tree=dynamic,depth=3,top_k=2,total_tokens=6", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"device", "target", "settings", "methods"}
     assert res["settings"]["malformed_lines"] == 1 and res["settings"]["questions"] == 3
-    assert list(res["methods"]) == ["vanilla", "hf-generate", "pld2", "hf-prompt-lookup"]
+    assert list(res["methods"]) == ["vanilla", "hf-generate", "pld2", "hf-prompt-lookup", "ek"]
     for name, m in res["methods"].items():
         assert {"tokens_per_s", "speedup", "tau", "exact_match", "by_category"} <= set(m)
         assert set(m["by_category"]) == {"copy", "misc"}
@@ -75,6 +80,8 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     assert res["methods"]["vanilla"]["speedup"] == pytest.approx(1.0)
     assert res["methods"]["vanilla"]["tau"] == pytest.approx(1.0)
     assert res["methods"]["hf-generate"]["tau"] == pytest.approx(1.0)  # one forward per token, counted by hook
+    assert res["settings"]["method_specs"]["ek"] == {"kind": "head", "path": str(head), "tree": "dynamic",
+                                                     "depth": 3, "top_k": 2, "total_tokens": "6"}
     md = (out / "results.md").read_text()
     assert "| pld2 |" in md and "## hf-prompt-lookup" in md and "| misc |" in md
     for png in ("speedup_by_category.png", "tau.png", "acceptance_by_depth.png"):

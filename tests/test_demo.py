@@ -6,6 +6,9 @@ import argparse
 from conftest import tiny_target
 from koala.demo import pick_drafter, run_demo, table
 from koala.drafters import PromptLookupDrafter
+from koala.drafters.eagle import EagleDrafter
+from koala.heads import save_head
+from test_drafters_medusa import random_head
 
 PROMPTS = [("copy", "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"), ("plain", "w40 w41 w42")]
 
@@ -32,3 +35,14 @@ def test_missing_head_falls_back_to_pld(tmp_path, capsys):
     drafter, name = pick_drafter(args, tiny_target("llama"))
     assert name == "pld" and isinstance(drafter, PromptLookupDrafter)
     assert "no KOALA head found" in capsys.readouterr().err
+
+
+def test_head_dir_gives_a_koala_drafter(tmp_path):
+    target = tiny_target("llama")
+    head = save_head(random_head(target, "eagle", 1), tmp_path / "eagle-koala")
+    args = argparse.Namespace(drafter=None, head=str(head), tree="chain", depth=2, draft_top_k=None,
+                              total_tokens="auto")
+    drafter, name = pick_drafter(args, target)
+    assert name == "koala" and isinstance(drafter, EagleDrafter) and drafter.paths == [(0,), (0, 0)]
+    rows = run_demo(target, drafter, PROMPTS[:1], max_new_tokens=10)
+    assert rows[0].same
