@@ -88,6 +88,14 @@ def test_engine_runs_submitted_jobs_one_at_a_time():
     assert peak == 1 and len({o.text for o in outs}) == 1 and engine.waiting == 0
 
 
+def test_shutdown_stops_the_running_job():
+    target = tiny_target("llama")
+    engine = Engine(target)
+    long = job(target, "w5 w6", n=200)
+    out = asyncio.run(engine.submit(long, lambda _: engine.shutdown()))  # shut down after the first piece
+    assert long.cancelled.is_set() and 0 < out.stats.new_tokens < 200
+
+
 def test_loopback_detection():
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("192.168.1.4")

@@ -24,7 +24,7 @@ from koala.drafters.base import Drafter
 from koala.target import Target
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: each request is its own job
 class Job:
     """One generation request, already tokenised and validated."""
 
@@ -73,6 +73,7 @@ class Engine:
         # Fast tokenizers must not be used from two threads at once: the event loop encodes with its own copy.
         self.encoder = dataclasses.replace(target, tokenizer=copy.deepcopy(target.tokenizer))
         self.waiting = 0
+        self._jobs: set[Job] = set()  # queued or running, so shutdown can stop them
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="koala-model")
 
     def run(self, job: Job, on_piece: Callable[[str], None] | None = None) -> Outcome:
@@ -107,12 +108,17 @@ class Engine:
     async def submit(self, job: Job, on_piece: Callable[[str], None] | None = None) -> Outcome:
         """Queue the job behind the others and wait for it."""
         self.waiting += 1
+        self._jobs.add(job)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self.run, job, on_piece)
         finally:
             self.waiting -= 1
+            self._jobs.discard(job)
 
     def shutdown(self) -> None:
+        """Stop the running generation and drop the queued ones, so the process can exit promptly."""
+        for job in list(self._jobs):
+            job.cancelled.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
