@@ -104,6 +104,14 @@ def test_stop_strings_cut_the_answer(server):
         assert text == reference[:reference.index(stop)] and finish == "stop"
 
 
+def test_seeded_sampling_is_reproducible(server):
+    url, _, _ = server
+    req = {"messages": CHAT, "temperature": 1.5, "top_p": 0.95, "seed": 7}
+    texts = [httpx.post(f"{url}/v1/chat/completions", json={**req, "seed": s}, timeout=30).json()
+             ["choices"][0]["message"]["content"] for s in (7, 7, 8, 9)]
+    assert texts[0] == texts[1] and len(set(texts)) > 1  # same seed, same text; other seeds differ
+
+
 def test_models_and_health(server):
     url, _, _ = server
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-llama"
