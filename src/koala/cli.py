@@ -11,7 +11,7 @@ import sys
 
 from koala.acceptance import Sampling
 
-COMMAND_MODULES = ("koala.cli", "koala.export")
+COMMAND_MODULES = ("koala.cli", "koala.export", "koala.chat", "koala.serve")
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
