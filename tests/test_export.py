@@ -32,7 +32,8 @@ LAYER = {"self_attn.q_proj.weight": ("d", "d"), "self_attn.k_proj.weight": ("kv"
          "mlp.gate_proj.weight": ("i", "d"), "mlp.up_proj.weight": ("i", "d"), "mlp.down_proj.weight": ("d", "i"),
          "input_layernorm.weight": ("d",), "post_attention_layernorm.weight": ("d",)}
 EAGLE_LAYOUT = {
-    "vllm-eagle": {"config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False},
+    "vllm-eagle": {"config": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                              "tie_word_embeddings": False},
                    "top": {"fc.weight": ("d", "2d"), "embed_tokens.weight": ("V", "d")}},
     "sglang-eagle": {"config": {"architectures": ["LlamaForCausalLMEagle"], "model_type": "llama",
                                 "tie_word_embeddings": False},

@@ -39,7 +39,7 @@ LLAMA_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.
 # llama config fields copied from the target's config into an exported EAGLE config
 LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "hidden_act", "rms_norm_eps", "max_position_embeddings", "initializer_range", "bos_token_id",
-                "eos_token_id", "rope_parameters", "rope_theta", "rope_scaling")
+                "eos_token_id")  # rope settings are added by _rope_fields
 ARCHITECTURES = {"vllm-eagle": "LlamaForCausalLM",  # vLLM prefixes "Eagle" itself (EagleLlamaForCausalLM)
                  "sglang-eagle": "LlamaForCausalLMEagle", "vllm-medusa": "MedusaModel"}
 
