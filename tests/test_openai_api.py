@@ -115,7 +115,7 @@ def test_seeded_sampling_is_reproducible(server):
 def test_models_and_health(server):
     url, _, _ = server
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-llama"
-    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "tiny-llama", "drafter": "pld", "pending": 0}
 
 
 def test_the_official_openai_client(server):

@@ -85,7 +85,7 @@ def test_engine_runs_submitted_jobs_one_at_a_time():
 
     outs = asyncio.run(many())
     engine.shutdown()
-    assert peak == 1 and len({o.text for o in outs}) == 1 and engine.waiting == 0
+    assert peak == 1 and len({o.text for o in outs}) == 1 and engine.pending == 0
 
 
 def test_shutdown_stops_the_running_job():

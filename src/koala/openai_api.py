@@ -235,7 +235,7 @@ def create_app(target: Target, drafter: Drafter | None = None, defaults: Samplin
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served, "drafter": engine.drafter.name, "queued": engine.waiting}
+        return {"status": "ok", "model": served, "drafter": engine.drafter.name, "pending": engine.pending}
 
     return app
 

@@ -72,7 +72,6 @@ class Engine:
         self.target, self.drafter, self.rule = target, drafter or Drafter(), rule
         # Fast tokenizers must not be used from two threads at once: the event loop encodes with its own copy.
         self.encoder = dataclasses.replace(target, tokenizer=copy.deepcopy(target.tokenizer))
-        self.waiting = 0
         self._jobs: set[Job] = set()  # queued or running, so shutdown can stop them
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="koala-model")
 
@@ -105,14 +104,17 @@ class Engine:
         ended = stopped or bool(tokens and tokens[-1] in self.target.eos_ids) or job.cancelled.is_set()
         return Outcome("".join(pieces), "stop" if ended else "length", stats)
 
+    @property
+    def pending(self) -> int:
+        """Requests queued or running."""
+        return len(self._jobs)
+
     async def submit(self, job: Job, on_piece: Callable[[str], None] | None = None) -> Outcome:
         """Queue the job behind the others and wait for it."""
-        self.waiting += 1
         self._jobs.add(job)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self.run, job, on_piece)
         finally:
-            self.waiting -= 1
             self._jobs.discard(job)
 
     def shutdown(self) -> None:
