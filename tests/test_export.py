@@ -94,12 +94,13 @@ def _engine_eagle(out, features, ids, pos):
     return model(inputs_embeds=x, position_ids=pos).last_hidden_state
 
 
-@pytest.mark.parametrize("fmt", ["vllm-eagle", "sglang-eagle"])
-def test_exported_eagle_computes_the_koala_head(llama_target, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,arch", [("vllm-eagle", "llama"), ("sglang-eagle", "llama"), ("vllm-eagle", "mistral")])
+def test_exported_eagle_computes_the_koala_head(tmp_path, fmt, arch):
     # the no-op layer 0 and the fc swap must make the engine-style forward equal KOALA's (fp32 export: exact math)
-    src = _head_dir(llama_target, tmp_path, "eagle")
-    export_head(src, fmt, tmp_path / "out", llama_target, dtype=torch.float32)
-    head = load_head(src, llama_target)
+    target = tiny_target(arch)
+    src = _head_dir(target, tmp_path, "eagle")
+    export_head(src, fmt, tmp_path / "out", target, dtype=torch.float32)
+    head = load_head(src, target)
     torch.manual_seed(3)
     feats, ids = torch.randn(1, 7, head.cfg.hidden_size), torch.randint(0, head.cfg.vocab_size, (1, 7))
     pos = torch.arange(7)[None]
