@@ -283,7 +283,7 @@ def add_command(sub) -> None:
     from koala.cli import add_target_args
 
     p = sub.add_parser("export", help="write a trained head in the layout vLLM or SGLang loads")
-    p.add_argument("--head", required=True, help="the koala head directory (from `koala train`)")
+    p.add_argument("--head", required=True, help="a koala head directory (config.json + model.safetensors)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     p.add_argument("--weights-dtype", choices=["float16", "bfloat16", "float32"], default=None,
