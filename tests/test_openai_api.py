@@ -6,25 +6,28 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from conftest import tiny_target
 from koala.decode import generate
 from koala.drafters import PromptLookupDrafter
+from koala.drafters.factory import drafter_for_head
+from koala.heads import HeadConfig, save_head
+from koala.heads.checkpoint import build_head
 from koala.openai_api import create_app
 
 MAX_TOKENS = 16
 CHAT = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w6 w7 w5 w6"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """(base url, target, app) of a live server on a free loopback port, with a tiny llama and the PLD drafter."""
-    target = tiny_target("llama")
-    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS)
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free loopback port in a background thread; yields the base url."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -34,9 +37,20 @@ def server():
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", target, app
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(base url, target, app) of a live server with a tiny llama and the PLD drafter."""
+    target = tiny_target("llama")
+    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS)
+    with running(app) as url:
+        yield url, target, app
 
 
 def sse(response: httpx.Response) -> list:
@@ -214,3 +228,25 @@ def test_concurrent_requests_are_queued_and_all_complete(server):
         engine.run = run
     assert answers == [reference] * 20
     assert peak[0] == 1  # the model never ran two requests at once
+
+
+def test_a_head_drafter_serves_lossless_answers_under_load(tmp_path):
+    """A (random) EAGLE head keeps per-request state in its drafter: queued requests must not disturb each other."""
+    target = tiny_target("llama")
+    torch.manual_seed(0)
+    head = build_head(HeadConfig.for_target(target, "eagle", 1), target)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    drafter = drafter_for_head(save_head(head, tmp_path / "head"), target, total_tokens=8)
+    prompts = [[{"role": "user", "content": f"w{i} w{i + 1} w{i} w{i + 1}"}] for i in range(5, 13)]
+    references = [generate(target, m, max_new_tokens=MAX_TOKENS).text for m in prompts]
+    with running(create_app(target, drafter, max_tokens=MAX_TOKENS)) as url:
+        def ask(messages):
+            body = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=60).json()
+            return body["choices"][0]["message"]["content"], body["koala"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts, timeout=120))
+    assert [a for a, _ in answers] == references
+    assert all(stats["drafter"] == drafter.name for _, stats in answers)
