@@ -250,3 +250,19 @@ def test_a_head_drafter_serves_lossless_answers_under_load(tmp_path):
             answers = list(pool.map(ask, prompts, timeout=120))
     assert [a for a, _ in answers] == references
     assert all(stats["drafter"] == drafter.name for _, stats in answers)
+
+
+def test_a_failure_inside_the_model_is_reported_not_fatal(server, monkeypatch):
+    url, _, app = server
+
+    def broken(*args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(app.state.engine, "run", broken)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30)
+    assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": CHAT, "stream": True}, timeout=30) as r:
+        events = sse(r)
+    assert "out of memory (simulated)" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
+    monkeypatch.undo()
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30).status_code == 200
