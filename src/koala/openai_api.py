@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -125,9 +126,14 @@ def create_app(target: Target, drafter: Drafter | None = None, defaults: Samplin
     """The FastAPI app serving `target`; `defaults` and `max_tokens` apply to requests that leave them out."""
     engine = Engine(target, drafter, rule)
     served = model_name or Path(target.name).name or target.name
-    app = FastAPI(title="koala", description="OpenAI-compatible speculative decoding server")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()  # stop the generation in flight so the process exits promptly
+
+    app = FastAPI(title="koala", description="OpenAI-compatible speculative decoding server", lifespan=lifespan)
     app.state.engine = engine
-    app.router.on_shutdown.append(engine.shutdown)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
