@@ -1,0 +1,288 @@
+"""The training inputs of a draft head: token ids, an assistant-only loss mask, and the target's final hidden states.
+
+Heads never need the target's *body* during training, only its final normed hidden states (their input) and the
+target's next-token distributions (their labels), which are just those states through the frozen LM head. So one
+target pass over the distilled data is stored (fp16, memory-mapped .npy shards + manifest.json) and every training
+run and ablation reuses it; labels are recomputed from the cached states when a loss needs them (storing 49k-way
+distributions would be ~100x larger). `OnlineSource` is the same interface with the target in the loop (no disk).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from koala.data import ReadStats, read_conversations
+
+FORMAT = "koala-hidden-cache/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TokenStats:
+    """What tokenisation kept and cut (reported; nothing is dropped silently)."""
+
+    sequences: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    cut_sequences: int = 0
+    cut_tokens: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+
+def _template(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+    return [int(i) for i in (ids if isinstance(ids, list) else ids["input_ids"])]
+
+
+def tokenize_conversation(target, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Chat-templated ids of a whole conversation and a mask that is True on assistant-written tokens.
+
+    The span of assistant turn i is what the template adds between "prompt up to i + generation prompt" and
+    "conversation up to i", cut after its end-of-turn token (the target emits that token, but not the template's
+    separator after it). Raises ValueError when the template is not prefix-stable (then spans are not defined).
+    """
+    tok = target.tokenizer
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _template(tok, messages[:i], True)
+        full = _template(tok, messages[:i + 1], False)
+        if prompt[:len(ids)] != ids or full[:len(prompt)] != prompt:
+            raise ValueError("the chat template is not prefix-stable across turns")
+        span = full[len(prompt):]
+        ends = [j for j, t in enumerate(span) if t in target.eos_ids]
+        keep = ends[-1] + 1 if ends else len(span)
+        mask += [False] * (len(prompt) - len(ids)) + [True] * keep + [False] * (len(span) - keep)
+        ids = full
+    return ids, mask
+
+
+def tokenize_file(target, data: str | Path, max_length: int, stats: TokenStats,
+                  max_sequences: int | None = None) -> list[tuple[list[int], list[bool]]]:
+    """Tokenised conversations of a distilled file, cut to max_length (cuts and skips counted in `stats`)."""
+    read = ReadStats()
+    out = []
+    for conv in read_conversations(data, read):
+        if max_sequences is not None and len(out) >= max_sequences:
+            break
+        try:
+            ids, mask = tokenize_conversation(target, conv.messages)
+        except ValueError:
+            stats.skip("chat template not prefix-stable")
+            continue
+        if len(ids) > max_length:
+            stats.cut_sequences += 1
+            stats.cut_tokens += len(ids) - max_length
+            ids, mask = ids[:max_length], mask[:max_length]
+        if sum(mask[1:]) == 0:  # position 0 is never predicted
+            stats.skip("no assistant tokens (within max length)")
+            continue
+        out.append((ids, mask))
+        stats.sequences += 1
+        stats.tokens += len(ids)
+        stats.loss_tokens += sum(mask)
+    for reason, n in read.skipped.items():
+        stats.skip(f"input: {reason}", n)
+    return out
+
+
+@dataclass
+class Batch:
+    """Right-padded batch: ids/loss_mask/valid (B, T), hidden (B, T, d) final normed target states."""
+
+    ids: torch.Tensor
+    loss_mask: torch.Tensor
+    valid: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.valid.sum())
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.loss_mask.to(device), self.valid.to(device), self.hidden.to(device))
+
+
+def _pad(seqs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s[0]) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, m) in enumerate(seqs):
+        ids[i, :len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
+        mask[i, :len(s)] = torch.from_numpy(np.array(m, dtype=bool))
+        valid[i, :len(s)] = True
+    return ids, mask, valid
+
+
+@torch.inference_mode()
+def target_hidden(target, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Final normed hidden states for a right-padded batch (padding sits after the real tokens, so causal
+    attention keeps it from changing them)."""
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    out = target.body(input_ids=ids, position_ids=pos, attention_mask=valid.long(), use_cache=False)
+    return out.last_hidden_state
+
+
+class OnlineSource:
+    """Training sequences with the target in the loop: hidden states computed per batch, nothing on disk."""
+
+    def __init__(self, target, sequences: list[tuple[list[int], list[bool]]]) -> None:
+        self.target = target
+        self.sequences = sequences
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def length(self, i: int) -> int:
+        return len(self.sequences[i][0])
+
+    def batch(self, indices: list[int]) -> Batch:
+        ids, mask, valid = _pad([self.sequences[i] for i in indices])
+        dev = self.target.device
+        hidden = target_hidden(self.target, ids.to(dev), valid.to(dev)).float().cpu()
+        return Batch(ids, mask, valid, hidden)
+
+
+class HiddenCache:
+    """A cache directory written by `build_cache`, memory-mapped (the OS pages in only what a batch touches)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        file = self.path / MANIFEST
+        if not file.is_file():
+            raise FileNotFoundError(f"{self.path} is not a hidden-state cache (no {MANIFEST}); build one with "
+                                    f"`koala cache --data DISTILLED.jsonl --out {self.path}`.")
+        self.manifest = json.loads(file.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{file} has format {self.manifest.get('format')!r}, expected {FORMAT!r}.")
+        self._index: list[tuple[int, int, int]] = []  # (shard, start, end) per sequence
+        self._shards = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            d = self.path / shard["name"]
+            arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in ("hidden", "ids", "mask", "offsets")}
+            self._shards.append(arrays)
+            off = arrays["offsets"]
+            self._index += [(s, int(off[i]), int(off[i + 1])) for i in range(len(off) - 1)]
+
+    @property
+    def target(self) -> dict:
+        return self.manifest["target"]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def length(self, i: int) -> int:
+        _, a, b = self._index[i]
+        return b - a
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, a, b = self._index[i]
+        return self._shards[s]["ids"][a:b], self._shards[s]["mask"][a:b]
+
+    def batch(self, indices: list[int]) -> Batch:
+        ids, mask, valid = _pad([self.tokens(i) for i in indices])
+        hidden = torch.zeros(*ids.shape, self.manifest["hidden_size"])
+        for row, i in enumerate(indices):
+            s, a, b = self._index[i]
+            hidden[row, :b - a] = torch.from_numpy(np.asarray(self._shards[s]["hidden"][a:b], dtype=np.float32))
+        return Batch(ids, mask, valid, hidden)
+
+
+def _write_shard(dirpath: Path, hidden: list[np.ndarray], seqs: list[tuple[list[int], list[bool]]]) -> dict:
+    dirpath.mkdir(parents=True)
+    lengths = [len(s[0]) for s in seqs]
+    np.save(dirpath / "hidden.npy", np.concatenate(hidden))
+    np.save(dirpath / "ids.npy", np.concatenate([np.asarray(s[0], dtype=np.int32) for s in seqs]))
+    np.save(dirpath / "mask.npy", np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in seqs]))
+    np.save(dirpath / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return {"name": dirpath.name, "sequences": len(seqs), "tokens": int(sum(lengths))}
+
+
+def build_cache(target, data: str | Path, out: str | Path, max_length: int = 1024, batch_tokens: int = 8192,
+                shard_tokens: int = 1 << 18, dtype: str = "float16", max_sequences: int | None = None,
+                progress: bool = True) -> dict:
+    """One target pass over `data` into a fresh cache directory `out` (written to out.tmp, then renamed)."""
+    from tqdm import tqdm
+
+    from koala.heads.config import target_identity
+
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise ValueError(f"{out} already holds a cache; pass a new --out or delete it.")
+    start = time.perf_counter()
+    stats = TokenStats()
+    seqs = tokenize_file(target, data, max_length, stats, max_sequences)
+    if not seqs:
+        raise ValueError(f"No usable conversation in {data} ({stats.skipped or 'empty file'}).")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths per batch: little padding
+    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
+    shards, pending_h, pending_s = [], [], []
+    bar = tqdm(total=stats.tokens, unit="tok", disable=not progress, mininterval=5, file=sys.stderr)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and len(seqs[order[j]][0]) * (j - i + 1) <= batch_tokens:
+            j += 1
+        chunk = [seqs[k] for k in order[i:j]]
+        ids, _, valid = _pad(chunk)
+        hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu().numpy()
+        for row, s in enumerate(chunk):
+            pending_h.append(hidden[row, :len(s[0])].astype(np_dtype))
+            pending_s.append(s)
+        bar.update(int(valid.sum()))
+        if sum(len(s[0]) for s in pending_s) >= shard_tokens or j == len(order):
+            shards.append(_write_shard(tmp / f"shard{len(shards):04d}", pending_h, pending_s))
+            pending_h, pending_s = [], []
+        i = j
+    bar.close()
+    manifest = {
+        "format": FORMAT, "source": str(data), "target": target_identity(target), "target_name": target.name,
+        "hidden_size": int(target.config.hidden_size), "dtype": dtype, "max_length": max_length,
+        "sequences": stats.sequences, "tokens": stats.tokens, "loss_tokens": stats.loss_tokens,
+        "cut_sequences": stats.cut_sequences, "cut_tokens": stats.cut_tokens, "skipped": stats.skipped,
+        "shards": shards, "seconds": round(time.perf_counter() - start, 1),
+        "bytes": sum(f.stat().st_size for f in tmp.rglob("*.npy")),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out)
+    return manifest
+
+
+def _run(args) -> int:
+    from koala.cli import target_from_args
+
+    target = target_from_args(args)
+    manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens, dtype=args.cache_dtype,
+                           max_sequences=args.max_sequences)
+    print(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "target")}, indent=1))
+    return 0
+
+
+def add_command(sub) -> None:
+    from koala.cli import add_target_args
+
+    p = sub.add_parser("cache", help="store the target's hidden states over distilled data for head training")
+    p.add_argument("--data", required=True, help="distilled conversations (JSONL from `koala distill`)")
+    p.add_argument("--out", required=True, help="new cache directory")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation; longer ones are cut")
+    p.add_argument("--max-sequences", type=int, default=None)
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per target forward pass")
+    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
+    add_target_args(p)
+    p.set_defaults(func=_run)

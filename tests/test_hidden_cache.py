@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from koala.hidden_cache import HiddenCache, OnlineSource, build_cache, tokenize_conversation, tokenize_file, TokenStats
+
+
+def _distilled(tmp_path, n=6):
+    path = tmp_path / "distilled.jsonl"
+    rows = []
+    for i in range(n):
+        conv = [{"from": "human", "value": f"w{5 + i} w6"}, {"from": "gpt", "value": f"w{7 + i} w8 w9"}]
+        if i % 2:
+            conv += [{"from": "human", "value": "w10"}, {"from": "gpt", "value": " ".join(["w11"] * (3 + i))}]
+        rows.append(json.dumps({"id": str(i), "conversations": conv}))
+    rows.append(json.dumps({"id": "long", "conversations": [{"from": "human", "value": " ".join(["w3"] * 50)},
+                                                            {"from": "gpt", "value": "w4"}]}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_loss_mask_covers_assistant_tokens_and_end_of_turn(llama_target):
+    msgs = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7 w8"},
+            {"role": "user", "content": "w9"}, {"role": "assistant", "content": "w10"}]
+    ids, mask = tokenize_conversation(llama_target, msgs)
+    tok = llama_target.tokenizer
+    masked = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    assert masked == ["w7", "w8", "</s>", "w10", "</s>"]
+    assert ids == tok.apply_chat_template(msgs, tokenize=True)["input_ids"] or ids == tok.apply_chat_template(
+        msgs, tokenize=True)
+
+
+def test_cut_and_skip_counted(llama_target, tmp_path):
+    stats = TokenStats()
+    seqs = tokenize_file(llama_target, _distilled(tmp_path), 20, stats)
+    assert len(seqs) == 6 and all(len(s[0]) <= 20 for s in seqs)
+    assert stats.skipped == {"no assistant tokens (within max length)": 1}  # the long prompt leaves no reply
+    assert stats.cut_sequences >= 1 and stats.cut_tokens > 0
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 2e-3)])
+def test_cache_matches_online_hidden_states(llama_target, tmp_path, dtype, atol):
+    data = _distilled(tmp_path)
+    manifest = build_cache(llama_target, data, tmp_path / "cache", max_length=64, batch_tokens=40,
+                           shard_tokens=30, dtype=dtype, progress=False)
+    assert manifest["sequences"] == 7 and len(manifest["shards"]) > 1 and manifest["bytes"] > 0
+    cache = HiddenCache(tmp_path / "cache")
+    online = OnlineSource(llama_target, tokenize_file(llama_target, data, 64, TokenStats()))
+    assert len(cache) == len(online) == 7
+    # the cache is ordered by length; match sequences by their tokens
+    by_ids = {tuple(np.asarray(cache.tokens(i)[0]).tolist()): i for i in range(len(cache))}
+    order = [by_ids[tuple(s[0])] for s in online.sequences]
+    a, b = cache.batch(order[:4]), online.batch([0, 1, 2, 3])
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.loss_mask, b.loss_mask) and torch.equal(a.valid, b.valid)
+    assert torch.allclose(a.hidden[a.valid], b.hidden[b.valid], atol=atol, rtol=atol)
+    # a single unpadded pass gives the same states as the padded batch
+    one = online.batch([1])
+    n = int(one.valid.sum())
+    assert torch.allclose(one.hidden[0, :n], b.hidden[1, :n], atol=1e-5)
+    with pytest.raises(ValueError, match="already holds a cache"):
+        build_cache(llama_target, data, tmp_path / "cache", progress=False)
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match="koala cache"):
+        HiddenCache(tmp_path)
