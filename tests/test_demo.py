@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 
 from conftest import tiny_target
+from test_drafters_medusa import random_head
+
 from koala.demo import pick_drafter, run_demo, table
 from koala.drafters import PromptLookupDrafter
 from koala.drafters.eagle import EagleDrafter
 from koala.heads import save_head
-from test_drafters_medusa import random_head
 
 PROMPTS = [("copy", "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"), ("plain", "w40 w41 w42")]
 

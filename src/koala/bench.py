@@ -288,8 +288,8 @@ def markdown(summary: dict) -> str:
 
     s = summary["settings"]
     lines = [f"# koala bench: {summary['target']} on {summary['device']}", "",
-             f"{s['questions']} questions from `{s['questions_file']}`, max {s['max_new_tokens']} new tokens, "
-             f"temperature {s['temperature']}, {s['runs']} run(s) per question (median time).", "",
+             (f"{s['questions']} questions from `{s['questions_file']}`, max {s['max_new_tokens']} new tokens, "
+             f"temperature {s['temperature']}, {s['runs']} run(s) per question (median time)."), "",
              "| method | tokens/s | speedup | tau | exact match |", "|---|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         lines.append(f"| {name} | {f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {f(m['tau'])} | "

@@ -23,12 +23,12 @@ HEAD_SUBDIR = Path("heads") / "smollm2-135m" / "eagle-koala"
 PROMPTS = [
     ("chat", "Hi! Can you suggest three fun things to do on a rainy weekend at home?"),
     ("code", "Write a Python function `is_palindrome(s)` that ignores case and punctuation, with a short docstring."),
-    ("summary", "Summarise in two sentences: The city council met on Tuesday to discuss the new bike lanes. "
+    ("summary", ("Summarise in two sentences: The city council met on Tuesday to discuss the new bike lanes. "
                 "Supporters said the lanes would make cycling safer and cut traffic, while shop owners worried "
                 "about losing parking spaces. After a long debate, the council approved a six-month trial on "
-                "Main Street and asked for a report on traffic and sales before deciding on a permanent plan."),
-    ("math", "A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed? "
-             "Show your steps."),
+                "Main Street and asked for a report on traffic and sales before deciding on a permanent plan.")),
+    ("math", ("A train travels 180 km in 2 hours and then 120 km in 1.5 hours. What is its average speed? "
+             "Show your steps.")),
     ("explain", "Explain in simple terms why the sky is blue."),
 ]
 
