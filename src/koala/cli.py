@@ -11,7 +11,8 @@ import sys
 
 from koala.acceptance import Sampling
 
-COMMAND_MODULES = ("koala.cli", "koala.export", "koala.chat", "koala.serve")
+COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train", "koala.chat",
+                   "koala.serve", "koala.bench", "koala.demo", "koala.export")
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:

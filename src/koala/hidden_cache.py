@@ -149,6 +149,10 @@ class OnlineSource:
     def length(self, i: int) -> int:
         return len(self.sequences[i][0])
 
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.sequences[i]
+        return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
+
     def batch(self, indices: list[int]) -> Batch:
         ids, mask, valid = _pad([self.sequences[i] for i in indices])
         dev = self.target.device
@@ -197,7 +201,7 @@ class HiddenCache:
         hidden = torch.zeros(*ids.shape, self.manifest["hidden_size"])
         for row, i in enumerate(indices):
             s, a, b = self._index[i]
-            hidden[row, :b - a] = torch.from_numpy(np.asarray(self._shards[s]["hidden"][a:b], dtype=np.float32))
+            hidden[row, :b - a] = torch.from_numpy(np.array(self._shards[s]["hidden"][a:b], dtype=np.float32))
         return Batch(ids, mask, valid, hidden)
 
 

@@ -1,0 +1,686 @@
+"""Training draft heads (Medusa or EAGLE, K layers) by self-distillation, optionally with KOALA's adversarial term.
+
+Inputs come from a hidden-state cache (or the target in the loop): labels are the target's own next-token
+distributions, recomputed from cached final hidden states through the frozen LM head and restricted/renormalised to
+the draft vocabulary. Losses:
+- Medusa: head i at position t predicts token t+i+2; KL(target || head) weighted by decay**i.
+- EAGLE: the head maps (feature t, token t+1) to feature t+1; SmoothL1 regression + ce_weight * KL on the logits,
+  uniform noise on the input features, and `unroll` extra steps where the head reads its own predicted features
+  (a training-time rehearsal of drafting, with a mask that lets each step see the real context and its own chain).
+acc@k = top-1 agreement with the next tokens of the distilled data, i.e. the target's greedy choice there.
+
+Checkpoints hold everything a run needs to continue bit-exactly (weights, optimisers, step, RNG, lambda scale);
+the data order is a pure function of (seed, step), so no iterator state is stored. See docs/training.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from koala.adversarial import AdvConfig, Discriminator, Draft, d_loss, g_loss
+from koala.hidden_cache import Batch, HiddenCache, OnlineSource
+
+CKPT = "checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    head: str = "medusa"
+    layers: int = 1
+    num_heads: int = 4  # Medusa heads
+    unroll: int = 2  # EAGLE: extra steps on its own predicted features (draft depth trained = unroll + 1)
+    draft_vocab: int | None = None  # reduced vocabulary size (None = the target's full vocabulary)
+    adversarial: bool = False
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    max_steps: int = 1000
+    batch_size: int = 8  # sequences per step (global, split over processes)
+    max_seq_len: int = 512
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    decay: float = 0.8  # loss weight of head i / unroll step i is decay**i
+    ce_weight: float = 0.1  # EAGLE: weight of the distribution loss next to the feature regression
+    noise: float = 0.1  # EAGLE: uniform noise amplitude on input features
+    seed: int = 0
+    eval_sequences: int = 32
+    eval_every: int = 100
+    log_every: int = 10
+    save_every: int = 100
+    max_minutes: float | None = None  # stop early (with a checkpoint and a final head) after this long
+
+    def __post_init__(self) -> None:
+        if self.head not in ("medusa", "eagle"):
+            raise ValueError(f"--head must be medusa or eagle, not {self.head!r}.")
+        if self.layers < 1 or self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("--layers, --max-steps and --batch-size must be >= 1.")
+        if isinstance(self.adv, dict):
+            self.adv = AdvConfig(**self.adv)
+
+    @property
+    def depth(self) -> int:
+        """Tokens drafted per context that the losses cover (acc@1..acc@depth)."""
+        return self.num_heads if self.head == "medusa" else self.unroll + 1
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+def split_indices(n: int, eval_sequences: int) -> tuple[list[int], list[int]]:
+    """(train, eval) sequence indices; the held-out set is fixed (independent of --seed) so runs compare."""
+    g = torch.Generator().manual_seed(12345)
+    perm = torch.randperm(n, generator=g).tolist()
+    k = min(eval_sequences, max(n // 10, 1)) if n > 1 else 0
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def epoch_batches(lengths: list[int], indices: list[int], batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of one epoch: shuffled, grouped by similar length (less padding), in shuffled order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    out = []
+    group = batch * 16
+    for a in range(0, len(perm), group):
+        chunk = sorted(perm[a:a + group], key=lambda i: lengths[i])
+        out += [chunk[b:b + batch] for b in range(0, len(chunk), batch)]
+    order = torch.randperm(len(out), generator=g).tolist()
+    return [out[i] for i in order]
+
+
+class BatchStream:
+    """The batch for global step k, derived from (seed, k) alone: resuming needs no iterator state."""
+
+    def __init__(self, source, indices: list[int], batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if len(indices) < world:
+            raise ValueError(f"Only {len(indices)} training sequences for {world} processes; use more data.")
+        self.source, self.indices, self.batch, self.seed = source, indices, batch, seed
+        self.rank, self.world = rank, world
+        self.lengths = [source.length(i) for i in range(len(source))]
+        self._epoch, self._batches = -1, []
+
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.indices) / self.batch)
+
+    def indices_at(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.per_epoch())
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.indices, self.batch, self.seed, epoch)
+        chosen = self._batches[i]
+        mine = chosen[self.rank::self.world]
+        return mine or chosen[:1]
+
+
+def crop(batch: Batch, length: int) -> Batch:
+    return Batch(batch.ids[:, :length], batch.loss_mask[:, :length], batch.valid[:, :length],
+                 batch.hidden[:, :length])
+
+
+# ----------------------------------------------------------------------------------------------------- losses
+
+@dataclass
+class StepOut:
+    """A forward pass of the head on a batch: the supervised loss, its parts, accuracies, drafts for D."""
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+    acc: list[tuple[int, int]]  # (correct, counted) per draft step
+    real: Draft | None = None
+    fake: Draft | None = None
+
+
+def shifted(mask: torch.Tensor, shift: int) -> torch.Tensor:
+    """out[:, t] = mask[:, t + shift] (False past the end)."""
+    out = torch.zeros_like(mask)
+    if shift < mask.shape[1]:
+        out[:, : mask.shape[1] - shift] = mask[:, shift:]
+    return out
+
+
+def label_logprobs(lm_head, hidden: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """(B, T, Vd) target log-probs over the draft vocab at the positions in `need` (zeros elsewhere)."""
+    with torch.no_grad():
+        rows = need.nonzero(as_tuple=True)
+        out = torch.zeros(*need.shape, lm_head.weight.shape[0], device=hidden.device)
+        out[rows] = F.log_softmax(lm_head(hidden[rows].to(lm_head.weight.dtype)).float(), dim=-1)
+    return out
+
+
+def kl(target_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(target || head), both log-probs over the same (draft) vocabulary."""
+    return (target_lp.exp() * (target_lp - lp)).sum(-1).mean()
+
+
+def _sample_rows(ok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = ok.nonzero(as_tuple=True)
+    if rows[0].numel() > n:
+        keep = torch.randperm(rows[0].numel(), device=ok.device)[:n].sort().values
+        rows = (rows[0][keep], rows[1][keep])
+    return rows
+
+
+def medusa_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool) -> StepOut:
+    h, ids = batch.hidden, batch.ids
+    H = head.cfg.num_heads
+    labels = label_logprobs(head.lm_head, h, shifted(batch.loss_mask, 1))
+    nxt = to_draft[ids]
+    w = [shifted(batch.loss_mask, i + 2) for i in range(H)]
+    loss, parts, acc = h.new_zeros(()), {}, []
+    for i in range(H):
+        rows = w[i].nonzero(as_tuple=True)
+        if rows[0].numel() == 0:
+            acc.append((0, 0))
+            continue
+        feats = head.features(h[rows][None])[0, :, i]
+        lp = F.log_softmax(head.lm_head(feats).float(), dim=-1)
+        part = kl(labels[rows[0], rows[1] + i + 1], lp)
+        loss = loss + cfg.decay ** i * part
+        parts[f"kl{i + 1}"] = float(part.detach())
+        acc.append((int((lp.argmax(-1) == nxt[rows[0], rows[1] + i + 2]).sum()), rows[0].numel()))
+    out = StepOut(loss, parts, acc)
+    if want_drafts:
+        b, t = _sample_rows(torch.stack(w).all(0), cfg.adv.contexts)
+        if b.numel():
+            fake_lp = F.log_softmax(head.lm_head(head.features(h[b, t][None])[0]).float(), dim=-1)
+            real_lp = torch.stack([labels[b, t + i + 1] for i in range(H)], dim=1)
+            out.real, out.fake = Draft(h[b, t], real_lp), Draft(h[b, t], fake_lp)
+    return out
+
+
+def unroll_mask(step: int, length: int, device) -> torch.Tensor:
+    """(1, 1, T, (step+1)T) boolean mask for unroll step `step` >= 1: the query at t (a chain that left the real
+    features at t-step) sees real positions <= t-step and, in block j, only its own chain element t-step+j."""
+    t = torch.arange(length, device=device)
+    blocks = [t[None, :] <= (t[:, None] - step)]
+    blocks += [t[None, :] == (t[:, None] - step + j) for j in range(1, step + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
+
+
+def eagle_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool,
+               train: bool = True) -> StepOut:
+    from transformers import DynamicCache
+
+    h, ids = batch.hidden, batch.ids
+    B, T, d = h.shape
+    labels = label_logprobs(head.lm_head, h, shifted(batch.loss_mask, 1))
+    nxt_ids = torch.zeros_like(ids)
+    nxt_ids[:, :-1] = ids[:, 1:]
+    pos = torch.arange(T, device=h.device).expand(B, T)
+    w = shifted(batch.loss_mask, 2)  # position t predicts token t+2 (through feature t+1)
+    x = h + (torch.rand_like(h) * 2 - 1) * cfg.noise if train and cfg.noise > 0 else h
+    cache = DynamicCache() if cfg.unroll > 0 else None
+    target_next = to_draft[ids]
+    loss, parts, acc, preds, weights = h.new_zeros(()), {}, [], [], []
+    for s in range(cfg.unroll + 1):
+        if s > 0:
+            x = torch.cat([h.new_zeros(B, 1, d), preds[-1][:, :-1]], dim=1)
+        mask = unroll_mask(s, T, h.device) if s > 0 else None
+        g = head(x.to(head.fc.weight.dtype), nxt_ids, pos, cache=cache, attention_mask=mask).float()
+        preds.append(g)
+        ws = w.clone()
+        ws[:, :s] = False
+        weights.append(ws)
+        rows = ws.nonzero(as_tuple=True)
+        if rows[0].numel() == 0:
+            acc.append((0, 0))
+            continue
+        reg = F.smooth_l1_loss(g[rows], h[rows[0], rows[1] + 1])
+        lp = F.log_softmax(head.logits(g[rows].to(head.fc.weight.dtype)).float(), dim=-1)
+        dist = kl(labels[rows[0], rows[1] + 1], lp)
+        loss = loss + cfg.decay ** s * (reg + cfg.ce_weight * dist)
+        parts[f"reg{s + 1}"], parts[f"kl{s + 1}"] = float(reg.detach()), float(dist.detach())
+        acc.append((int((lp.argmax(-1) == target_next[rows[0], rows[1] + 2]).sum()), rows[0].numel()))
+    out = StepOut(loss, parts, acc)
+    if want_drafts:
+        S = cfg.unroll + 1
+        ok = torch.stack([shifted(weights[s], s) for s in range(S)]).all(0)  # every step of the chain counted
+        b, t = _sample_rows(ok, cfg.adv.contexts)
+        if b.numel():
+            fake_f = torch.stack([preds[s][b, t + s] for s in range(S)], dim=1)
+            fake_lp = F.log_softmax(head.logits(fake_f.to(head.fc.weight.dtype)).float(), dim=-1)
+            real_lp = torch.stack([labels[b, t + s + 1] for s in range(S)], dim=1)
+            real_f = torch.stack([h[b, t + s + 1] for s in range(S)], dim=1)
+            use = cfg.adv.use_features
+            out.real = Draft(h[b, t], real_lp, real_f if use else None)
+            out.fake = Draft(h[b, t], fake_lp, fake_f if use else None)
+    return out
+
+
+def head_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool = False,
+              train: bool = True) -> StepOut:
+    if cfg.head == "medusa":
+        return medusa_step(head, batch, to_draft, cfg, want_drafts)
+    return eagle_step(head, batch, to_draft, cfg, want_drafts, train)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoint
+
+def _opt_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, list]:
+    sd = opt.state_dict()
+    tensors = {f"{prefix}.{pid}.{k}": v.detach().cpu().contiguous()
+               for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_opt(opt: torch.optim.Optimizer, prefix: str, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: Path, head, disc, opt_h, opt_d, state: dict) -> None:
+    """Everything needed to continue bit-exactly, written to a temp dir and renamed (never half-written)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    h_opt, h_groups = _opt_tensors(opt_h, "opt_head")
+    tensors.update(h_opt)
+    d_groups = None
+    if disc is not None:
+        tensors.update({f"disc.{k}": v.detach().cpu().contiguous() for k, v in disc.state_dict().items()})
+        d_opt, d_groups = _opt_tensors(opt_d, "opt_disc")
+        tensors.update(d_opt)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    final, tmp = out / CKPT, out / f".{CKPT}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "opt_head_groups": h_groups, "opt_disc_groups": d_groups}))
+    old = out / f".{CKPT}.old{os.getpid()}"
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, head, disc, opt_h, opt_d) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / CKPT / "state.safetensors"))
+    state = json.loads((out / CKPT / "state.json").read_text())
+    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    _load_opt(opt_h, "opt_head", tensors, state["opt_head_groups"])
+    if disc is not None:
+        disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+        _load_opt(opt_d, "opt_disc", tensors, state["opt_disc_groups"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def choose_draft_vocab(source, indices: list[int], size: int, vocab: int, keep: set[int]) -> list[int]:
+    """The `size` most frequent assistant tokens of the training split (plus EOS ids)."""
+    from koala.heads import draft_vocab_from_counts
+
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for i in indices:
+        ids, mask = source.tokens(i)
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        counts += torch.bincount(ids[torch.from_numpy(np.asarray(mask, dtype=bool))], minlength=vocab).double()
+    return draft_vocab_from_counts(counts, size, keep=keep)
+
+
+def _finite_grads(params) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def _sync_grads(accelerator, params) -> None:
+    """Average gradients over processes (one flat all-reduce: what DDP does, without wrapping the head)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    off = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[off:off + g.numel()].view_as(p).clone()
+        off += g.numel()
+
+
+def evaluate(head, source, batches: list[list[int]], to_draft, cfg: TrainConfig, device) -> dict:
+    """Held-out supervised loss parts and acc@k (no noise, no adversarial term)."""
+    head.eval()
+    tot, parts, acc = 0.0, {}, [[0, 0] for _ in range(cfg.depth)]
+    with torch.no_grad():
+        for idx in batches:
+            out = head_step(head, crop(source.batch(idx), cfg.max_seq_len).to(device), to_draft, cfg, train=False)
+            tot += float(out.loss)
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0.0) + v / len(batches)
+            for i, (c, n) in enumerate(out.acc):
+                acc[i][0] += c
+                acc[i][1] += n
+    head.train()
+    return {"loss": tot / max(1, len(batches)), **parts,
+            **{f"acc@{i + 1}": (c / n if n else 0.0) for i, (c, n) in enumerate(acc)}}
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = False, device: str | None = None,
+          stop_at: int | None = None, progress: bool = True, command: str = "", accelerator=None) -> dict:
+    """Train a head on `source` (HiddenCache or OnlineSource) into `out`. Returns the final manifest.
+
+    stop_at: end after that many steps *without* a final save, exactly like a kill (used by tests).
+    """
+    from tqdm import tqdm
+
+    from koala.heads import HeadConfig
+    from koala.heads.checkpoint import build_head, save_head
+
+    out = Path(out)
+    device = device or str(target.device)
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    main = rank == 0
+    out.mkdir(parents=True, exist_ok=True)
+    resuming = resume and (out / CKPT / "state.json").is_file()
+    if resuming:
+        saved = json.loads((out / CKPT / "state.json").read_text())
+        if saved["config"]["head"] != cfg.head or saved["config"]["layers"] != cfg.layers:
+            raise ValueError(f"{out / CKPT} holds a {saved['config']['head']} K={saved['config']['layers']} run; "
+                             f"resume it with the same --head/--layers or use a new --out.")
+        cfg = TrainConfig(**{**saved["config"], "max_minutes": cfg.max_minutes})
+    elif main and (out / CKPT).exists():
+        raise ValueError(f"{out} already has a checkpoint; pass --resume to continue it or use a new --out.")
+
+    torch.manual_seed(cfg.seed + rank)
+    train_idx, eval_idx = split_indices(len(source), cfg.eval_sequences)
+    if resuming:
+        draft_vocab = saved["draft_vocab"]
+    elif cfg.draft_vocab:
+        draft_vocab = choose_draft_vocab(source, train_idx, cfg.draft_vocab, int(target.config.vocab_size),
+                                         set(target.eos_ids))
+    else:
+        draft_vocab = None
+    hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab)
+    head = build_head(hcfg, target).to(device).float().train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt_h = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vocab = int(target.config.vocab_size)
+    to_draft = torch.full((vocab,), -1, dtype=torch.long, device=device)
+    if draft_vocab is None:
+        to_draft = torch.arange(vocab, device=device)
+    else:
+        to_draft[torch.tensor(draft_vocab, device=device)] = torch.arange(len(draft_vocab), device=device)
+
+    disc = opt_d = None
+    if cfg.adversarial:
+        embed = target.model.get_input_embeddings().weight.detach()
+        embed = embed if draft_vocab is None else embed[torch.tensor(draft_vocab, device=embed.device)]
+        disc = Discriminator(hcfg.hidden_size, cfg.depth, embed.to(device), cfg.adv).to(device)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.adv.d_lr, betas=(0.5, 0.999))
+
+    state = {"step": 0, "lam_scale": 1.0, "blowups": 0, "skipped": 0, "seconds": 0.0, "tokens": 0}
+    if resuming:
+        state.update({k: saved[k] for k in state})
+        load_checkpoint(out, head, disc, opt_h, opt_d)
+    stream = BatchStream(source, train_idx, cfg.batch_size, cfg.seed, rank, world)
+    eval_batches = [eval_idx[i:i + cfg.batch_size] for i in range(0, len(eval_idx), cfg.batch_size)]
+    metrics = out / "metrics.jsonl"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    def checkpoint() -> None:
+        if main:
+            if not all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+                _append_jsonl(metrics, {"step": state["step"], "event": "checkpoint refused: non-finite weights"})
+                return
+            save_checkpoint(out, head, disc, opt_h, opt_d, {**state, "config": asdict(cfg),
+                                                           "draft_vocab": draft_vocab})
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not (progress and main), file=sys.stderr,
+               mininterval=2, unit="step")
+    t0, seconds0, tokens_window, t_window = time.perf_counter(), state["seconds"], 0, time.perf_counter()
+    ended_early = False
+    last_eval: dict = {}
+    eval_step = -1
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        if stop_at is not None and step >= stop_at:
+            bar.close()
+            return {}
+        if cfg.max_minutes and (time.perf_counter() - t0) / 60 >= cfg.max_minutes:
+            ended_early = True
+            break
+        batch = crop(source.batch(stream.indices_at(step)), cfg.max_seq_len).to(device)
+        for group in opt_h.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        lam = cfg.adv.lam(step, state["lam_scale"]) if disc is not None else 0.0
+        with autocast:
+            res = head_step(head, batch, to_draft, cfg, want_drafts=disc is not None)
+        row: dict = {}
+        if disc is not None and res.fake is not None:
+            for _ in range(cfg.adv.d_steps):
+                opt_d.zero_grad(set_to_none=True)
+                ld = d_loss(disc, res.real, res.fake, cfg.adv)
+                if torch.isfinite(ld):
+                    ld.backward()
+                    _sync_grads(accelerator, list(disc.parameters()))
+                    if _finite_grads(disc.parameters()):
+                        opt_d.step()
+            row["d_loss"] = float(ld)
+            disc.requires_grad_(False)
+            lg = g_loss(disc, res.fake, cfg.adv)
+            disc.requires_grad_(True)
+            row["g_loss"] = float(lg)
+            loss = res.loss + lam * lg if lam > 0 else res.loss
+        else:
+            loss = res.loss
+        opt_h.zero_grad(set_to_none=True)
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            loss.backward()
+            _sync_grads(accelerator, params)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            ok = bool(torch.isfinite(norm))
+        if ok:
+            opt_h.step()
+            state["blowups"] = 0
+        else:  # skip the update, log it; repeated blow-ups halve lambda
+            opt_h.zero_grad(set_to_none=True)
+            state["skipped"] += 1
+            state["blowups"] += 1
+            if state["blowups"] >= cfg.adv.max_blowups:
+                state["lam_scale"] /= 2
+                state["blowups"] = 0
+            if main:
+                _append_jsonl(metrics, {"step": step, "event": "skipped non-finite step",
+                                        "lam_scale": state["lam_scale"]})
+        ntok = batch.tokens * world
+        state["tokens"] += ntok
+        tokens_window += ntok
+        state["step"] = step + 1
+        state["seconds"] = seconds0 + time.perf_counter() - t0
+        accs = [c / n if n else 0.0 for c, n in res.acc]
+        if main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
+            now = time.perf_counter()
+            tok_s = tokens_window / max(now - t_window, 1e-9)
+            tokens_window, t_window = 0, now
+            _append_jsonl(metrics, {"step": state["step"], "split": "train", "loss": float(res.loss), **res.parts,
+                                    **row, "lambda": lam, "lr": lr_at(cfg, step), "tok_s": round(tok_s, 1),
+                                    **{f"acc@{i + 1}": a for i, a in enumerate(accs)}})
+            bar.set_postfix(loss=f"{float(res.loss):.3f}", acc="/".join(f"{a:.2f}" for a in accs),
+                            tok_s=f"{tok_s:.0f}", **({"g": f"{row['g_loss']:.2f}"} if "g_loss" in row else {}),
+                            refresh=False)
+        bar.update(1)
+        if eval_batches and main and (state["step"] % cfg.eval_every == 0):
+            last_eval, eval_step = evaluate(head, source, eval_batches, to_draft, cfg, device), state["step"]
+            _append_jsonl(metrics, {"step": state["step"], "split": "eval", **last_eval})
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+            checkpoint()
+    bar.close()
+    if ended_early:
+        checkpoint()
+    if not main:
+        return {}
+    if eval_batches and eval_step != state["step"]:
+        last_eval = evaluate(head, source, eval_batches, to_draft, cfg, device)
+        _append_jsonl(metrics, {"step": state["step"], "split": "eval", **last_eval})
+    acc = [last_eval.get(f"acc@{i + 1}", 0.0) for i in range(cfg.depth)]
+    head_dir = save_head(head, out / "head", extra={"acceptance": acc, "train_steps": state["step"]})
+    manifest = {
+        "command": command, "config": asdict(cfg), "head_dir": str(head_dir),
+        "head_bytes": sum(f.stat().st_size for f in head_dir.iterdir()),
+        "data": {"sequences": len(source), "train_sequences": len(train_idx), "eval_sequences": len(eval_idx),
+                 "source": str(source.path) if isinstance(source, HiddenCache) else "online"},
+        "steps": state["step"], "ended_early": ended_early, "tokens_seen": state["tokens"],
+        "train_seconds": round(state["seconds"], 1), "skipped_steps": state["skipped"],
+        "lambda_scale": state["lam_scale"], "final_eval": last_eval,
+        "draft_vocab_size": len(draft_vocab) if draft_vocab else None, "processes": world,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    plot_metrics(metrics, out / "metrics.png")
+    return manifest
+
+
+def plot_metrics(metrics: Path, png: Path) -> None:
+    """Loss and acc@k curves (train and held-out), plus D/G losses when adversarial; the last row per step wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[tuple, dict] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "split" in r:
+            rows[(r["split"], r["step"])] = r
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        rs = sorted((r for (s, _), r in rows.items() if s == split), key=lambda r: r["step"])
+        if not rs:
+            continue
+        steps = [r["step"] for r in rs]
+        axes[0].plot(steps, [r["loss"] for r in rs], style, label=f"{split} loss")
+        for k in sorted({k for r in rs for k in r if k.startswith("acc@")}):
+            axes[1].plot(steps, [r.get(k, 0) for r in rs], style, label=f"{split} {k}")
+        for k in ("d_loss", "g_loss"):
+            if any(k in r for r in rs):
+                axes[2].plot([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r], label=k)
+    for ax, title in zip(axes, ("supervised loss", "top-1 agreement with the target", "adversarial")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+def source_from_path(target, data: str, max_length: int):
+    """A cache directory, or a distilled JSONL (then the target runs in the loop: online mode)."""
+    from koala.heads.config import target_identity
+    from koala.hidden_cache import TokenStats, tokenize_file
+
+    path = Path(data)
+    if path.is_dir():
+        cache = HiddenCache(path)
+        mine = target_identity(target)
+        if cache.target.get("lm_head_sha256") != mine["lm_head_sha256"]:
+            raise ValueError(f"The cache {path} was built from another target ({cache.manifest.get('target_name')}); "
+                             f"pass the same --target or rebuild the cache.")
+        return cache
+    stats = TokenStats()
+    return OnlineSource(target, tokenize_file(target, path, max_length, stats))
+
+
+def config_from_args(args) -> TrainConfig:
+    adv = AdvConfig(weight=args.adv_weight, start=args.adv_start, warmup=args.adv_warmup, loss=args.adv_loss,
+                    level=args.adv_level, d_steps=args.d_steps, d_lr=args.d_lr, r1=args.r1,
+                    spectral_norm=args.spectral_norm, contexts=args.adv_contexts, use_features=args.adv_features)
+    return TrainConfig(head=args.head, layers=args.layers, num_heads=args.num_heads, unroll=args.unroll,
+                       draft_vocab=args.draft_vocab or None, adversarial=args.adversarial, adv=adv,
+                       max_steps=args.max_steps, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                       lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, seed=args.seed,
+                       eval_sequences=args.eval_sequences, eval_every=args.eval_every, log_every=args.log_every,
+                       save_every=args.save_every, max_minutes=args.max_minutes, noise=args.noise)
+
+
+def _run(args) -> int:
+    from accelerate import Accelerator
+
+    from koala.cli import target_from_args
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = str(accelerator.device) if accelerator.num_processes > 1 else args.device
+    target = target_from_args(args)
+    source = source_from_path(target, args.data, args.max_seq_len)
+    manifest = train(target, source, args.out, config_from_args(args), resume=args.resume, device=device,
+                     command=" ".join(sys.argv), accelerator=accelerator)
+    if manifest:
+        print(json.dumps({k: manifest[k] for k in ("head_dir", "head_bytes", "steps", "train_seconds",
+                                                   "final_eval", "skipped_steps")}, indent=1))
+    return 0
+
+
+def add_command(sub) -> None:
+    from koala.cli import add_target_args
+
+    p = sub.add_parser("train", help="train a Medusa/EAGLE draft head (optionally KOALA adversarial)")
+    p.add_argument("--head", choices=["medusa", "eagle"], required=True)
+    p.add_argument("--layers", type=int, default=1, help="K: residual blocks per Medusa head / EAGLE decoder layers")
+    p.add_argument("--data", required=True, help="a `koala cache` directory, or distilled JSONL (online mode)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics, head/, manifest.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--num-heads", type=int, default=4, help="Medusa heads")
+    p.add_argument("--unroll", type=int, default=2, help="EAGLE: training steps on its own predicted features")
+    p.add_argument("--draft-vocab", type=int, default=0, help="reduced draft vocabulary size (0 = full)")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (saved) after this wall time")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=0.1, help="EAGLE: uniform feature noise amplitude")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100)
+    g = p.add_argument_group("KOALA adversarial learning (docs/adversarial.md)")
+    g.add_argument("--adversarial", action="store_true", help="add the discriminator term")
+    g.add_argument("--adv-weight", type=float, default=0.1, help="lambda")
+    g.add_argument("--adv-start", type=int, default=100, help="supervised-only steps before lambda ramps up")
+    g.add_argument("--adv-warmup", type=int, default=100)
+    g.add_argument("--adv-loss", choices=["nonsaturating", "hinge", "lsgan"], default="nonsaturating")
+    g.add_argument("--adv-level", choices=["sequence", "position"], default="sequence")
+    g.add_argument("--adv-contexts", type=int, default=128, help="contexts per batch in the adversarial term")
+    g.add_argument("--adv-features", action="store_true", help="EAGLE: D also sees predicted features")
+    g.add_argument("--d-steps", type=int, default=1, help="discriminator updates per head update")
+    g.add_argument("--d-lr", type=float, default=2e-4)
+    g.add_argument("--r1", type=float, default=0.0, help="R1 penalty weight (0 = off)")
+    g.add_argument("--spectral-norm", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=_run)
