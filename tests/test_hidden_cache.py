@@ -66,3 +66,19 @@ def test_cache_matches_online_hidden_states(llama_target, tmp_path, dtype, atol)
 def test_not_a_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match="koala cache"):
         HiddenCache(tmp_path)
+
+
+def test_append_caches_only_new_conversations(llama_target, tmp_path):
+    data = _distilled(tmp_path)
+    lines = data.read_text().splitlines()
+    part = tmp_path / "part.jsonl"
+    part.write_text("\n".join(lines[:3]) + "\n")
+    first = build_cache(llama_target, part, tmp_path / "c", max_length=64, progress=False)
+    assert first["sequences"] == 3
+    with pytest.raises(ValueError, match="same --max-length"):
+        build_cache(llama_target, data, tmp_path / "c", max_length=32, append=True, progress=False)
+    grown = build_cache(llama_target, data, tmp_path / "c", max_length=64, append=True, progress=False)
+    fresh = build_cache(llama_target, data, tmp_path / "fresh", max_length=64, progress=False)
+    assert grown["sequences"] == fresh["sequences"] == 7 and grown["tokens"] == fresh["tokens"]
+    assert len(grown["shards"]) == 2 and len(HiddenCache(tmp_path / "c")) == 7
+    assert build_cache(llama_target, data, tmp_path / "c", max_length=64, append=True, progress=False) == grown

@@ -69,14 +69,18 @@ def tokenize_conversation(target, messages: list[dict]) -> tuple[list[int], list
     return ids, mask
 
 
-def tokenize_file(target, data: str | Path, max_length: int, stats: TokenStats,
-                  max_sequences: int | None = None) -> list[tuple[list[int], list[bool]]]:
-    """Tokenised conversations of a distilled file, cut to max_length (cuts and skips counted in `stats`)."""
+def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStats,
+                     max_sequences: int | None = None, skip_ids: set[str] = frozenset(),
+                     ) -> list[tuple[str, list[int], list[bool]]]:
+    """(conversation id, ids, mask) of a distilled file, cut to max_length (cuts and skips counted in `stats`);
+    conversations whose id is in `skip_ids` (already cached) are passed over."""
     read = ReadStats()
     out = []
     for conv in read_conversations(data, read):
         if max_sequences is not None and len(out) >= max_sequences:
             break
+        if conv.id in skip_ids:
+            continue
         try:
             ids, mask = tokenize_conversation(target, conv.messages)
         except ValueError:
@@ -89,13 +93,19 @@ def tokenize_file(target, data: str | Path, max_length: int, stats: TokenStats,
         if sum(mask[1:]) == 0:  # position 0 is never predicted
             stats.skip("no assistant tokens (within max length)")
             continue
-        out.append((ids, mask))
+        out.append((conv.id, ids, mask))
         stats.sequences += 1
         stats.tokens += len(ids)
         stats.loss_tokens += sum(mask)
     for reason, n in read.skipped.items():
         stats.skip(f"input: {reason}", n)
     return out
+
+
+def tokenize_file(target, data: str | Path, max_length: int, stats: TokenStats,
+                  max_sequences: int | None = None) -> list[tuple[list[int], list[bool]]]:
+    """Tokenised conversations of a distilled file (see tokenize_records), without their ids."""
+    return [(ids, mask) for _, ids, mask in tokenize_records(target, data, max_length, stats, max_sequences)]
 
 
 @dataclass
@@ -205,66 +215,98 @@ class HiddenCache:
         return Batch(ids, mask, valid, hidden)
 
 
-def _write_shard(dirpath: Path, hidden: list[np.ndarray], seqs: list[tuple[list[int], list[bool]]]) -> dict:
+def _write_shard(dirpath: Path, hidden: list[np.ndarray], seqs: list[tuple[str, list[int], list[bool]]]) -> dict:
+    shutil.rmtree(dirpath, ignore_errors=True)  # a leftover of a killed append, never listed in the manifest
     dirpath.mkdir(parents=True)
-    lengths = [len(s[0]) for s in seqs]
+    lengths = [len(s[1]) for s in seqs]
     np.save(dirpath / "hidden.npy", np.concatenate(hidden))
-    np.save(dirpath / "ids.npy", np.concatenate([np.asarray(s[0], dtype=np.int32) for s in seqs]))
-    np.save(dirpath / "mask.npy", np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in seqs]))
+    np.save(dirpath / "ids.npy", np.concatenate([np.asarray(s[1], dtype=np.int32) for s in seqs]))
+    np.save(dirpath / "mask.npy", np.concatenate([np.asarray(s[2], dtype=np.bool_) for s in seqs]))
     np.save(dirpath / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    (dirpath / "conversations.json").write_text(json.dumps([s[0] for s in seqs]))
     return {"name": dirpath.name, "sequences": len(seqs), "tokens": int(sum(lengths))}
 
 
 def build_cache(target, data: str | Path, out: str | Path, max_length: int = 1024, batch_tokens: int = 8192,
                 shard_tokens: int = 1 << 18, dtype: str = "float16", max_sequences: int | None = None,
-                progress: bool = True) -> dict:
-    """One target pass over `data` into a fresh cache directory `out` (written to out.tmp, then renamed)."""
+                append: bool = False, progress: bool = True) -> dict:
+    """One target pass over `data` into the cache directory `out`.
+
+    A new cache is written to out.tmp and renamed. With append=True an existing cache gets new shards for the
+    conversations it does not hold yet (so caching can follow a distillation that is still running); the manifest
+    is rewritten last, atomically, so a killed append leaves the cache as it was.
+    """
     from tqdm import tqdm
 
     from koala.heads.config import target_identity
 
     out = Path(out)
+    old = None
     if (out / MANIFEST).exists():
-        raise ValueError(f"{out} already holds a cache; pass a new --out or delete it.")
+        if not append:
+            raise ValueError(f"{out} already holds a cache; pass a new --out, --append, or delete it.")
+        old = json.loads((out / MANIFEST).read_text())
+        if old["target"]["lm_head_sha256"] != target_identity(target)["lm_head_sha256"]:
+            raise ValueError(f"{out} was built from another target ({old.get('target_name')}); cannot append.")
+        if old["max_length"] != max_length or old["dtype"] != dtype:
+            raise ValueError(f"{out} uses max_length {old['max_length']} and dtype {old['dtype']}; append with "
+                             f"the same --max-length and --cache-dtype.")
     start = time.perf_counter()
     stats = TokenStats()
-    seqs = tokenize_file(target, data, max_length, stats, max_sequences)
+    done = set()
+    for shard in (old or {}).get("shards", []):
+        done.update(json.loads((out / shard["name"] / "conversations.json").read_text()))
+    seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_ids=done)
     if not seqs:
+        if old is not None:
+            return old
         raise ValueError(f"No usable conversation in {data} ({stats.skipped or 'empty file'}).")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))  # similar lengths per batch: little padding
+    work = out if old is not None else out.with_name(out.name + ".tmp")
+    if old is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][1]))  # similar lengths per batch: little padding
     np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
-    shards, pending_h, pending_s = [], [], []
+    shards = list((old or {}).get("shards", []))
+    pending_h, pending_s = [], []
     bar = tqdm(total=stats.tokens, unit="tok", disable=not progress, mininterval=5, file=sys.stderr)
     i = 0
     while i < len(order):
         j = i + 1
-        while j < len(order) and len(seqs[order[j]][0]) * (j - i + 1) <= batch_tokens:
+        while j < len(order) and len(seqs[order[j]][1]) * (j - i + 1) <= batch_tokens:
             j += 1
         chunk = [seqs[k] for k in order[i:j]]
-        ids, _, valid = _pad(chunk)
+        ids, _, valid = _pad([(s[1], s[2]) for s in chunk])
         hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu().numpy()
         for row, s in enumerate(chunk):
-            pending_h.append(hidden[row, :len(s[0])].astype(np_dtype))
+            pending_h.append(hidden[row, :len(s[1])].astype(np_dtype))
             pending_s.append(s)
         bar.update(int(valid.sum()))
-        if sum(len(s[0]) for s in pending_s) >= shard_tokens or j == len(order):
-            shards.append(_write_shard(tmp / f"shard{len(shards):04d}", pending_h, pending_s))
+        if sum(len(s[1]) for s in pending_s) >= shard_tokens or j == len(order):
+            shards.append(_write_shard(work / f"shard{len(shards):04d}", pending_h, pending_s))
             pending_h, pending_s = [], []
         i = j
     bar.close()
+
+    def total(key: str) -> int:
+        return (old or {}).get(key, 0) + getattr(stats, key)
+
+    skipped = dict((old or {}).get("skipped", {}))
+    for k, v in stats.skipped.items():
+        skipped[k] = skipped.get(k, 0) + v
     manifest = {
         "format": FORMAT, "source": str(data), "target": target_identity(target), "target_name": target.name,
         "hidden_size": int(target.config.hidden_size), "dtype": dtype, "max_length": max_length,
-        "sequences": stats.sequences, "tokens": stats.tokens, "loss_tokens": stats.loss_tokens,
-        "cut_sequences": stats.cut_sequences, "cut_tokens": stats.cut_tokens, "skipped": stats.skipped,
-        "shards": shards, "seconds": round(time.perf_counter() - start, 1),
-        "bytes": sum(f.stat().st_size for f in tmp.rglob("*.npy")),
+        "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
+        "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,
+        "shards": shards, "seconds": round((old or {}).get("seconds", 0) + time.perf_counter() - start, 1),
+        "bytes": sum(f.stat().st_size for sh in shards for f in (work / sh["name"]).iterdir()),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out)
+    tmp_manifest = work / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=1))
+    tmp_manifest.replace(work / MANIFEST)
+    if old is None:
+        work.replace(out)
     return manifest
 
 
@@ -273,7 +315,7 @@ def _run(args) -> int:
 
     target = target_from_args(args)
     manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens, dtype=args.cache_dtype,
-                           max_sequences=args.max_sequences)
+                           max_sequences=args.max_sequences, append=args.append)
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "target")}, indent=1))
     return 0
 
@@ -287,6 +329,8 @@ def add_command(sub) -> None:
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation; longer ones are cut")
     p.add_argument("--max-sequences", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per target forward pass")
+    p.add_argument("--append", action="store_true",
+                   help="add the conversations of --data that the existing cache in --out does not hold yet")
     p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
     add_target_args(p)
     p.set_defaults(func=_run)

@@ -340,8 +340,8 @@ def choose_draft_vocab(source, indices: list[int], size: int, vocab: int, keep: 
     counts = torch.zeros(vocab, dtype=torch.float64)
     for i in indices:
         ids, mask = source.tokens(i)
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        counts += torch.bincount(ids[torch.from_numpy(np.asarray(mask, dtype=bool))], minlength=vocab).double()
+        ids = torch.from_numpy(np.array(ids, dtype=np.int64))
+        counts += torch.bincount(ids[torch.from_numpy(np.array(mask, dtype=bool))], minlength=vocab).double()
     return draft_vocab_from_counts(counts, size, keep=keep)
 
 
@@ -525,10 +525,10 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
             now = time.perf_counter()
             tok_s = tokens_window / max(now - t_window, 1e-9)
             tokens_window, t_window = 0, now
-            _append_jsonl(metrics, {"step": state["step"], "split": "train", "loss": float(res.loss), **res.parts,
+            _append_jsonl(metrics, {"step": state["step"], "split": "train", "loss": float(res.loss.detach()), **res.parts,
                                     **row, "lambda": lam, "lr": lr_at(cfg, step), "tok_s": round(tok_s, 1),
                                     **{f"acc@{i + 1}": a for i, a in enumerate(accs)}})
-            bar.set_postfix(loss=f"{float(res.loss):.3f}", acc="/".join(f"{a:.2f}" for a in accs),
+            bar.set_postfix(loss=f"{float(res.loss.detach()):.3f}", acc="/".join(f"{a:.2f}" for a in accs),
                             tok_s=f"{tok_s:.0f}", **({"g": f"{row['g_loss']:.2f}"} if "g_loss" in row else {}),
                             refresh=False)
         bar.update(1)
