@@ -1,6 +1,6 @@
 """`koala demo`: SmolLM2 with the shipped KOALA head, side by side with vanilla decoding, on a few varied prompts.
 
-For each prompt it decodes once with vanilla (timed, silent) and once with the KOALA drafter (timed, streamed),
+For each prompt it decodes once with the KOALA drafter (timed, streamed) and once with vanilla (timed, silent),
 then prints tokens/s, speedup and tau per prompt and whether the KOALA output equals the vanilla output (it must
 when greedy: speculative decoding here is lossless).
 """
@@ -89,8 +89,8 @@ def run_demo(target: Target, drafter: Drafter, prompts: list[tuple[str, str]] = 
         ids = target.encode(prompt)
         if echo:
             echo(f"\n### [{label}] {prompt}\n")
+        k_tokens, k_stats = _decode(target, ids, drafter, sampling, max_new_tokens, echo)  # streamed first: no wait
         v_tokens, v_stats = _decode(target, ids, Drafter(), sampling, max_new_tokens)
-        k_tokens, k_stats = _decode(target, ids, drafter, sampling, max_new_tokens, echo)
         rows.append(Row(label, v_tokens, k_tokens, v_stats, k_stats))
         if echo:
             echo("\n")
