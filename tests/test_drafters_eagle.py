@@ -13,10 +13,10 @@ from test_drafters_medusa import PROMPT, random_head
     ("mistral", 3, "dynamic", True)])
 def test_random_eagle_head_is_lossless_under_greedy(arch, layers, tree, reduced):
     target = tiny_target(arch)
-    vanilla = generate(target, PROMPT, max_new_tokens=30)
+    vanilla = generate(target, PROMPT, max_new_tokens=20)
     head = random_head(target, "eagle", layers, list(range(1, 70)) if reduced else None)
     drafter = EagleDrafter(head, tree=tree, depth=3, top_k=3, total_tokens=8)
-    out = generate(target, PROMPT, drafter, max_new_tokens=30)
+    out = generate(target, PROMPT, drafter, max_new_tokens=20)
     assert out.tokens == vanilla.tokens
     assert out.stats.drafted_tokens > 0
     assert drafter.cache.get_seq_length() == drafter.committed  # drafting never leaves tree entries behind

@@ -26,9 +26,9 @@ def random_head(target, kind, layers, draft_vocab=None, scale=0.1, num_heads=3):
     ("mistral", 2, "static", True)])
 def test_random_medusa_head_is_lossless_under_greedy(arch, layers, tree, reduced):
     target = tiny_target(arch)
-    vanilla = generate(target, PROMPT, max_new_tokens=30)
+    vanilla = generate(target, PROMPT, max_new_tokens=20)
     head = random_head(target, "medusa", layers, list(range(1, 70)) if reduced else None)
-    out = generate(target, PROMPT, MedusaDrafter(head, tree=tree, total_tokens=10), max_new_tokens=30)
+    out = generate(target, PROMPT, MedusaDrafter(head, tree=tree, total_tokens=10), max_new_tokens=20)
     assert out.tokens == vanilla.tokens
     assert out.stats.drafted_tokens > 0
 
