@@ -30,12 +30,11 @@ def test_k_layers_are_distinct_trainable_parameters(llama_target):
     assert set(head.state_dict()) == names  # so it is not saved either
 
 
-def test_deeper_head_after_training_step_differs_per_block(llama_target):
+def test_every_block_gets_gradient_at_the_zero_init(llama_target):
     head = _head(llama_target, layers=2, num_heads=1)
-    loss = head(torch.randn(1, 4, 64)).logsumexp(-1).sum()
-    loss.backward()
-    # only the last block gets gradient at a zero init (the first one's output passes through a zero matrix)
-    assert head.heads[0][1].linear.weight.grad.abs().sum() > 0
+    head(torch.randn(1, 4, 64)).logsumexp(-1).sum().backward()
+    # SiLU'(0) = 1/2, so a zero-initialised block still passes gradient to its weights: deep heads can train
+    assert all(block.linear.weight.grad.abs().sum() > 0 for block in head.heads[0])
 
 
 def test_reduced_vocab_keeps_those_lm_head_rows(llama_target):
