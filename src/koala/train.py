@@ -386,8 +386,10 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = False, device: str | None = None,
           stop_at: int | None = None, progress: bool = True, command: str = "", accelerator=None) -> dict:
-    """Train a head on `source` (HiddenCache or OnlineSource) into `out`. Returns the final manifest.
+    """Train a head on `source` (HiddenCache or OnlineSource) into `out`.
 
+    Returns the manifest written to out/manifest.json plus the live "head" and "discriminator" modules (other
+    processes of a multi-process run get only those and "steps").
     stop_at: end after that many steps *without* a final save, exactly like a kill (used by tests).
     """
     from tqdm import tqdm
@@ -411,7 +413,7 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     elif main and (out / CKPT).exists():
         raise ValueError(f"{out} already has a checkpoint; pass --resume to continue it or use a new --out.")
 
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # same initial weights on every process
     train_idx, eval_idx = split_indices(len(source), cfg.eval_sequences)
     if resuming:
         draft_vocab = saved["draft_vocab"]
@@ -438,6 +440,7 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         disc = Discriminator(hcfg.hidden_size, cfg.depth, embed.to(device), cfg.adv).to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.adv.d_lr, betas=(0.5, 0.999))
 
+    torch.manual_seed(cfg.seed + rank)  # then per-process noise and context sampling
     state = {"step": 0, "lam_scale": 1.0, "blowups": 0, "skipped": 0, "seconds": 0.0, "tokens": 0}
     if resuming:
         state.update({k: saved[k] for k in state})
@@ -487,11 +490,11 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
                     _sync_grads(accelerator, list(disc.parameters()))
                     if _finite_grads(disc.parameters()):
                         opt_d.step()
-            row["d_loss"] = float(ld)
+            row["d_loss"] = float(ld.detach())
             disc.requires_grad_(False)
             lg = g_loss(disc, res.fake, cfg.adv)
             disc.requires_grad_(True)
-            row["g_loss"] = float(lg)
+            row["g_loss"] = float(lg.detach())
             loss = res.loss + lam * lg if lam > 0 else res.loss
         else:
             loss = res.loss
@@ -541,7 +544,7 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     if ended_early:
         checkpoint()
     if not main:
-        return {}
+        return {"steps": state["step"], "head": head, "discriminator": disc}
     if eval_batches and eval_step != state["step"]:
         last_eval = evaluate(head, source, eval_batches, to_draft, cfg, device)
         _append_jsonl(metrics, {"step": state["step"], "split": "eval", **last_eval})
@@ -559,7 +562,7 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     plot_metrics(metrics, out / "metrics.png")
-    return manifest
+    return {**manifest, "head": head, "discriminator": disc}
 
 
 def plot_metrics(metrics: Path, png: Path) -> None:
@@ -638,7 +641,7 @@ def _run(args) -> int:
     source = source_from_path(target, args.data, args.max_seq_len)
     manifest = train(target, source, args.out, config_from_args(args), resume=args.resume, device=device,
                      command=" ".join(sys.argv), accelerator=accelerator)
-    if manifest:
+    if "head_dir" in manifest:
         print(json.dumps({k: manifest[k] for k in ("head_dir", "head_bytes", "steps", "train_seconds",
                                                    "final_eval", "skipped_steps")}, indent=1))
     return 0
