@@ -1,16 +1,12 @@
 """Shared fixtures: tiny random causal LMs of several families, wrapped as koala Targets."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from koala.target import Target
-
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 VOCAB = 128
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"

@@ -12,20 +12,19 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 KINDS = ("medusa", "eagle")
-_HASHES: dict[tuple, str] = {}
-
-
 def lm_head_sha256(weight: torch.Tensor) -> str:
     """sha256 of the LM head weights rounded to bfloat16 and stored as fp32 bytes.
 
     Rounding to bf16 first makes the hash the same whether the target was loaded in fp32 or bf16 (CPU vs GPU).
-    Memoised per tensor version, because hashing a 49152x576 matrix takes a few hundred ms.
+    Memoised on the tensor itself (per in-place version), because hashing a 49152x576 matrix takes a few hundred
+    ms; a memo keyed by address would hand a freed tensor's hash to a new tensor at the same address.
     """
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, str(weight.device), weight._version)
-    if key not in _HASHES:
+    memo = getattr(weight, "_koala_sha256", None)
+    if memo is None or memo[0] != weight._version:
         data = weight.detach().to(torch.bfloat16).float().cpu().contiguous()
-        _HASHES[key] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
-    return _HASHES[key]
+        memo = (weight._version, hashlib.sha256(data.numpy().tobytes()).hexdigest())
+        weight._koala_sha256 = memo
+    return memo[1]
 
 
 def _hf_model(target) -> torch.nn.Module:
