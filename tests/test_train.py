@@ -61,7 +61,7 @@ def test_cache_and_online_give_the_same_loss(llama_target, tmp_path, head):
 
 def test_medusa_trains_saves_and_reports(llama_target, tmp_path):
     source = online(llama_target, distilled(tmp_path, llama_target))
-    cfg = small_cfg(max_steps=30, eval_every=10, draft_vocab=40, lr=1e-2)
+    cfg = small_cfg(max_steps=20, eval_every=10, draft_vocab=40, lr=1e-2)
     manifest = train(llama_target, source, tmp_path / "run", cfg, progress=False, command="test")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("split") == "eval"]
@@ -71,12 +71,12 @@ def test_medusa_trains_saves_and_reports(llama_target, tmp_path):
     assert len(head.cfg.draft_vocab) == 40 and 1 in head.cfg.draft_vocab  # EOS always kept
     assert head.extra["acceptance"] == [manifest["final_eval"][f"acc@{i}"] for i in (1, 2, 3)]
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
-    assert manifest["draft_vocab_size"] == 40 and manifest["steps"] == 30
+    assert manifest["draft_vocab_size"] == 40 and manifest["steps"] == 20
 
 
 @pytest.mark.parametrize("head,adversarial", [("medusa", False), ("eagle", True)])
 def test_resume_after_kill_is_exact(llama_target, tmp_path, head, adversarial):
-    source = online(llama_target, distilled(tmp_path, llama_target, n=16))
+    source = online(llama_target, distilled(tmp_path, llama_target, n=12))
     adv = AdvConfig(start=1, warmup=2, contexts=8, r1=0.1 if head == "eagle" else 0.0)
 
     def cfg():
