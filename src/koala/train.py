@@ -345,6 +345,16 @@ def choose_draft_vocab(source, indices: list[int], size: int, vocab: int, keep: 
     return draft_vocab_from_counts(counts, size, keep=keep)
 
 
+def _backward_or_poison(loss: torch.Tensor, params: list) -> None:
+    """Backward a finite loss; for a non-finite one set NaN gradients instead, so the step is skipped (on every
+    process, after the gradient all-reduce) rather than applied."""
+    if bool(torch.isfinite(loss)):
+        loss.backward()
+    else:
+        for p in params:
+            p.grad = torch.full_like(p, float("nan"))
+
+
 def _finite_grads(params) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
@@ -481,30 +491,29 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         with autocast:
             res = head_step(head, batch, to_draft, cfg, want_drafts=disc is not None)
         row: dict = {}
-        if disc is not None and res.fake is not None:
+        loss = res.loss
+        if disc is not None:
+            d_params = list(disc.parameters())
             for _ in range(cfg.adv.d_steps):
                 opt_d.zero_grad(set_to_none=True)
-                ld = d_loss(disc, res.real, res.fake, cfg.adv)
-                if torch.isfinite(ld):
-                    ld.backward()
-                    _sync_grads(accelerator, list(disc.parameters()))
-                    if _finite_grads(disc.parameters()):
-                        opt_d.step()
-            row["d_loss"] = float(ld.detach())
-            disc.requires_grad_(False)
-            lg = g_loss(disc, res.fake, cfg.adv)
-            disc.requires_grad_(True)
-            row["g_loss"] = float(lg.detach())
-            loss = res.loss + lam * lg if lam > 0 else res.loss
-        else:
-            loss = res.loss
+                if res.fake is not None:
+                    ld = d_loss(disc, res.real, res.fake, cfg.adv)
+                    row["d_loss"] = float(ld.detach())
+                    _backward_or_poison(ld, d_params)
+                _sync_grads(accelerator, d_params)  # every process joins, even without contexts this batch
+                if _finite_grads(d_params):
+                    opt_d.step()
+            if res.fake is not None:
+                disc.requires_grad_(False)
+                lg = g_loss(disc, res.fake, cfg.adv)
+                disc.requires_grad_(True)
+                row["g_loss"] = float(lg.detach())
+                loss = res.loss + lam * lg if lam > 0 else res.loss
         opt_h.zero_grad(set_to_none=True)
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            loss.backward()
-            _sync_grads(accelerator, params)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            ok = bool(torch.isfinite(norm))
+        _backward_or_poison(loss, params)
+        _sync_grads(accelerator, params)  # a poisoned (NaN) gradient anywhere makes every process skip
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        ok = bool(torch.isfinite(norm))
         if ok:
             opt_h.step()
             state["blowups"] = 0
