@@ -52,6 +52,8 @@ def test_questions_malformed_and_limit(tmp_path):
     assert len(questions) == 3 and bad == 3
     questions, _ = load_questions(path, limit_per_category=1)
     assert [q["question_id"] for q in questions] == [1, 3]
+    with pytest.raises(ValueError, match="at least 1"):
+        load_questions(path, limit_per_category=0)
     with pytest.raises(FileNotFoundError):
         load_questions(tmp_path / "missing.jsonl")
     (tmp_path / "bad.jsonl").write_text("oops\n")

@@ -163,6 +163,8 @@ def load_questions(path: str | Path, limit_per_category: int | None = None) -> t
 
     Returns (questions, number of malformed lines skipped)."""
     path = Path(path)
+    if limit_per_category is not None and limit_per_category < 1:
+        raise ValueError(f"--limit-per-category must be at least 1, got {limit_per_category}.")
     if not path.is_file():
         raise FileNotFoundError(f"Question file {path} does not exist.")
     questions, bad, seen = [], 0, defaultdict(int)
