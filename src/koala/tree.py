@@ -87,18 +87,41 @@ def verify_inputs(pending: torch.Tensor, tree: DraftTree, past_len: int, dtype: 
     they attend causally. Tree nodes sit at position (last pending position + depth) and see all of the cache,
     all pending tokens, their ancestors and themselves. With an empty tree the mask is None (plain causal).
     """
-    device = pending.device
-    m, n = pending.numel(), len(tree)
-    ids = torch.cat([pending, tree.tokens.to(device)]).unsqueeze(0)
-    depth = torch.tensor(tree.depth, dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(m, device=device), m - 1 + depth]) + past_len
-    if n == 0:
-        return ids, pos.unsqueeze(0), None
-    allowed = torch.zeros(m + n, past_len + m + n, dtype=torch.bool, device=device)
-    allowed[:, :past_len] = True
-    allowed[:, past_len:past_len + m] = torch.ones(m + n, m, dtype=torch.bool, device=device).tril()
-    allowed[m:, past_len:past_len + m] = True
-    allowed[m:, past_len + m:] = tree.ancestor_matrix().to(device)
+    return batch_verify_inputs([pending], [tree], [past_len], past_len, dtype)
+
+
+def batch_verify_inputs(pending: list[torch.Tensor], trees: list[DraftTree], lengths: list[int], width: int,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`verify_inputs` for a batch whose rows share one KV cache `width` columns wide.
+
+    Row b's history is cache columns [0, lengths[b]) (later columns are stale and masked out), so rows may hold
+    different lengths. Its block is its pending tokens then its tree, padded to the longest block with dummy
+    slots that only see themselves and that nothing sees. Returns (B, q) ids and positions and a (B, 1, q,
+    width + q) mask, or None when the forward is plain causal (equal lengths, equal pending, no trees).
+    """
+    device = pending[0].device
+    sizes = [p.numel() + len(t) for p, t in zip(pending, trees)]
+    q = max(sizes)
+    ids = torch.zeros(len(trees), q, dtype=torch.long, device=device)
+    pos = torch.zeros(len(trees), q, dtype=torch.long, device=device)
+    plain = all(n == width and size == q and not len(t) for n, size, t in zip(lengths, sizes, trees))
+    allowed = None if plain else torch.zeros(len(trees), q, width + q, dtype=torch.bool, device=device)
+    for b, (p, tree, past, size) in enumerate(zip(pending, trees, lengths, sizes)):
+        m = p.numel()
+        depth = torch.tensor(tree.depth, dtype=torch.long, device=device)
+        ids[b, :size] = torch.cat([p, tree.tokens.to(device)])
+        pos[b, :size] = torch.cat([torch.arange(m, device=device), m - 1 + depth]) + past
+        pos[b, size:] = past
+        if allowed is None:
+            continue
+        row, block = allowed[b], allowed[b, :, width:]
+        row[:size, :past] = True
+        block[:m, :m] = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+        block[m:size, :m] = True
+        block[m:size, m:size] = tree.ancestor_matrix().to(device)
+        block[size:, size:] = torch.eye(q - size, dtype=torch.bool, device=device)
+    if allowed is None:
+        return ids, pos, None
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return ids, pos.unsqueeze(0), mask[None, None]
+    return ids, pos, mask[:, None]
