@@ -29,7 +29,7 @@ class AdvConfig:
     loss: str = "nonsaturating"
     level: str = "sequence"
     d_steps: int = 1  # discriminator updates per head update
-    d_lr: float = 2e-4
+    d_lr: float = 5e-4
     d_hidden: int = 256
     r1: float = 0.0  # R1 gradient penalty weight on real inputs (0 = off)
     spectral_norm: bool = False
@@ -62,6 +62,11 @@ class Draft:
     features: torch.Tensor | None = None
 
 
+def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+    """Rescale each vector to RMS 1 (hidden states of different targets/layers have very different scales)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class Discriminator(nn.Module):
     """Scores drafts: high = looks like the target's continuation. Sequence level: one score per draft from all
     its steps; position level: one score per step (same MLP, step embedding), the loss averages them."""
@@ -70,7 +75,10 @@ class Discriminator(nn.Module):
         super().__init__()
         d, h = hidden_size, cfg.d_hidden
         self.level, self.steps = cfg.level, steps
-        self.register_buffer("embed", embed.detach().float(), persistent=False)  # (Vd, d) frozen soft-embedding
+        embed = embed.detach().float()
+        # (Vd, d) frozen soft-embedding table, scaled to unit RMS: token embeddings are tiny next to hidden states,
+        # and D should not have to learn that scale before it can tell drafts apart
+        self.register_buffer("embed", embed / embed.pow(2).mean().sqrt().clamp_min(1e-8), persistent=False)
         self.ctx = nn.Linear(d, h)
         self.tok = nn.Linear(d, h)
         self.feat = nn.Linear(d, h) if cfg.use_features else None
@@ -91,8 +99,8 @@ class Discriminator(nn.Module):
         """context (N, d), tokens (N, S, d) soft embeddings -> (N,) or (N, S) scores."""
         x = self.tok(tokens) + self.step_emb[: tokens.shape[1]]
         if self.feat is not None and features is not None:
-            x = x + self.feat(features.float())
-        c = self.ctx(context.float())
+            x = x + self.feat(_unit_rms(features.float()))
+        c = self.ctx(_unit_rms(context.float()))
         if self.level == "sequence":
             return self.mlp(torch.cat([c, x.flatten(1)], dim=-1)).squeeze(-1)
         return self.mlp(torch.cat([c[:, None].expand_as(x), x], dim=-1)).squeeze(-1)

@@ -422,6 +422,8 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         cfg = TrainConfig(**{**saved["config"], "max_minutes": cfg.max_minutes})
     elif main and (out / CKPT).exists():
         raise ValueError(f"{out} already has a checkpoint; pass --resume to continue it or use a new --out.")
+    elif resume and main and progress:
+        print(f"koala train: no checkpoint in {out} yet; starting a new run.", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     train_idx, eval_idx = split_indices(len(source), cfg.eval_sequences)
@@ -691,7 +693,7 @@ def add_command(sub) -> None:
     g.add_argument("--adv-contexts", type=int, default=128, help="contexts per batch in the adversarial term")
     g.add_argument("--adv-features", action="store_true", help="EAGLE: D also sees predicted features")
     g.add_argument("--d-steps", type=int, default=1, help="discriminator updates per head update")
-    g.add_argument("--d-lr", type=float, default=2e-4)
+    g.add_argument("--d-lr", type=float, default=5e-4)
     g.add_argument("--r1", type=float, default=0.0, help="R1 penalty weight (0 = off)")
     g.add_argument("--spectral-norm", action="store_true")
     add_target_args(p)
