@@ -82,3 +82,21 @@ def test_append_caches_only_new_conversations(llama_target, tmp_path):
     assert grown["sequences"] == fresh["sequences"] == 7 and grown["tokens"] == fresh["tokens"]
     assert len(grown["shards"]) == 2 and len(HiddenCache(tmp_path / "c")) == 7
     assert build_cache(llama_target, data, tmp_path / "c", max_length=64, append=True, progress=False) == grown
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_mask(smollm2):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "Why did the cat sit?"}]
+    ids, mask = tokenize_conversation(smollm2, msgs)
+    spans, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    texts = [smollm2.tokenizer.decode(s) for s in spans + ([cur] if cur else [])]
+    assert texts == ["Hello! How can I help?<|im_end|>", "Why did the cat sit?<|im_end|>"]
+    # the prompt part equals what the decode loop feeds the target for the first turn
+    assert ids[:len(smollm2.encode(msgs[:1]))] == smollm2.encode(msgs[:1])
