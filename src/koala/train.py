@@ -600,11 +600,13 @@ def plot_metrics(metrics: Path, png: Path) -> None:
         for k in ("d_loss", "g_loss"):
             if any(k in r for r in rs):
                 axes[2].plot([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r], label=k)
-    for ax, title in zip(axes, ("supervised loss", "top-1 agreement with the target", "adversarial")):
+    for ax, title in zip(axes, ("supervised loss", "top-1 agreement with the target", "adversarial (D / head)")):
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "off", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
