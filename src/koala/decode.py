@@ -169,7 +169,7 @@ def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequenc
         hidden = target.hidden(input_ids, pos, cache, mask)
         ms = [pending[b].numel() for b in live]
         rows = [hidden[r, m - 1:m + len(t)] for r, (m, t) in enumerate(zip(ms, trees))]
-        logits = target.logits(torch.cat(rows)).split([len(x) for x in rows])
+        logits = target.logits(rows[0] if len(rows) == 1 else torch.cat(rows)).split([len(x) for x in rows])
         out: list[list[int]] = [[] for _ in ids]
         kept, stay = [], []
         for r, (b, tree, m) in enumerate(zip(live, trees, ms)):

@@ -108,10 +108,13 @@ def batch_verify_inputs(pending: list[torch.Tensor], trees: list[DraftTree], len
     allowed = None if plain else torch.zeros(len(trees), q, width + q, dtype=torch.bool, device=device)
     for b, (p, tree, past, size) in enumerate(zip(pending, trees, lengths, sizes)):
         m = p.numel()
-        depth = torch.tensor(tree.depth, dtype=torch.long, device=device)
-        ids[b, :size] = torch.cat([p, tree.tokens.to(device)])
-        pos[b, :size] = torch.cat([torch.arange(m, device=device), m - 1 + depth]) + past
-        pos[b, size:] = past
+        ids[b, :m] = p
+        pos[b, :m] = torch.arange(past, past + m, device=device)
+        if len(tree):
+            ids[b, m:size] = tree.tokens.to(device)
+            pos[b, m:size] = torch.tensor(tree.depth, dtype=torch.long, device=device) + (past + m - 1)
+        if size < q:
+            pos[b, size:] = past
         if allowed is None:
             continue
         row, block = allowed[b], allowed[b, :, width:]

@@ -1,0 +1,85 @@
+"""Batched decoding throughput: vanilla vs prompt-lookup (pld) speculative decoding at several batch sizes.
+
+The same Spec-Bench first turns (chat template, greedy) are decoded in batches of each size; throughput is the
+total new tokens over the total wall time. Each method and size is timed --runs times (best kept) after a
+warm-up, and every output is checked token-for-token against batch-size-1 vanilla decoding.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_batch.py --prompts 8 --max-new-tokens 64 --sizes 1 4 8
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from koala.bench import load_questions
+from koala.decode import generate_batch
+from koala.drafters import PromptLookupDrafter
+from koala.target import load_target
+
+FACTORIES = {"vanilla": None, "pld": PromptLookupDrafter}
+
+
+def first_turns(path: str, n: int) -> list[str]:
+    """First turns of n questions taken round-robin over the categories, so every task kind is represented."""
+    questions, _ = load_questions(path)
+    by_cat: dict[str, list[str]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q["turns"][0])
+    columns = list(by_cat.values())
+    out = [col[i] for i in range(max(map(len, columns))) for col in columns if i < len(col)]
+    return out[:n]
+
+
+def run(target, prompts: list[list[int]], method: str, size: int, max_new: int) -> tuple[float, int, int, list]:
+    """(seconds, new tokens, target forwards, outputs) for all prompts decoded in batches of `size`."""
+    outputs, forwards = [], 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), size):
+        res = generate_batch(target, prompts[i:i + size], FACTORIES[method], max_new_tokens=max_new)
+        outputs += [r.tokens for r in res]
+        forwards = forwards + max(r.stats.target_forwards for r in res)  # batched forwards = the slowest row's
+    return time.perf_counter() - start, sum(map(len, outputs)), forwards, outputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", default="/work/shared/data/spec_bench/question.jsonl")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--runs", type=int, default=1, help="timed runs per method and size (best kept)")
+    ap.add_argument("--target", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if min(args.sizes) < 1:
+        ap.error("--sizes must be positive")
+
+    target = load_target(args.target, args.device)
+    prompts = [target.encode(p) for p in first_turns(args.questions, args.prompts)]
+    for method in FACTORIES:  # warm-up: kernels, allocator, first-call setup
+        generate_batch(target, prompts[:2], FACTORIES[method], max_new_tokens=8)
+    reference = None
+    rows = []
+    for size in args.sizes:
+        for method in FACTORIES:
+            best = min((run(target, prompts, method, size, args.max_new_tokens) for _ in range(args.runs)),
+                       key=lambda r: r[0])
+            seconds, tokens, forwards, outputs = best
+            reference = reference or outputs  # the first cell is batch size 1 vanilla when --sizes starts at 1
+            same = sum(a == b for a, b in zip(outputs, reference))
+            rows.append((size, method, tokens, forwards, seconds, tokens / seconds, same))
+            print(f"batch {size:>2} {method:<8} {tokens / seconds:7.1f} tok/s", flush=True)
+    base = {m: next(r[5] for r in rows if r[1] == m) for m in FACTORIES}
+    print(f"\n{target.name} on {args.device} ({torch.get_num_threads()} threads), {len(prompts)} prompts, "
+          f"{args.max_new_tokens} new tokens, greedy")
+    print(f"{'batch':>5} {'method':<8} {'tokens':>6} {'forwards':>8} {'seconds':>8} {'tok/s':>7} "
+          f"{'vs b=' + str(args.sizes[0]):>7} {'same as ref':>11}")
+    for size, method, tokens, forwards, seconds, tps, same in rows:
+        print(f"{size:>5} {method:<8} {tokens:>6} {forwards:>8} {seconds:>8.2f} {tps:>7.1f} {tps / base[method]:>6.2f}x "
+              f"{same:>5}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
