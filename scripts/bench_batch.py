@@ -1,8 +1,10 @@
 """Batched decoding throughput: vanilla vs prompt-lookup (pld) speculative decoding at several batch sizes.
 
-The same Spec-Bench first turns (chat template, greedy) are decoded in batches of each size; throughput is the
-total new tokens over the total wall time. Each method and size is timed --runs times (best kept) after a
-warm-up, and every output is checked token-for-token against batch-size-1 vanilla decoding.
+The same Spec-Bench first turns (chat template, greedy) are decoded at most `size` at a time, waiting prompts
+joining as others finish (--static: fixed chunks of `size` prompts, each run to its slowest row). Throughput is
+the total new tokens over the total wall time; "forwards" counts batched target forwards. Each method and size is
+timed --runs times (best kept) after a warm-up, and every output is checked token-for-token against the first
+cell (batch-size-1 vanilla when --sizes starts at 1).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_batch.py --prompts 8 --max-new-tokens 64 --sizes 1 4 8
 """
@@ -14,11 +16,12 @@ import time
 import torch
 
 from koala.bench import load_questions
-from koala.decode import generate_batch
+from koala.acceptance import Sampling
+from koala.decode import generate_batch, stream_batch
 from koala.drafters import PromptLookupDrafter
 from koala.target import load_target
 
-FACTORIES = {"vanilla": None, "pld": PromptLookupDrafter}
+FACTORIES = {"vanilla": None, "pld": PromptLookupDrafter}  # method -> drafter factory (None = vanilla)
 
 
 def first_turns(path: str, n: int) -> list[str]:
@@ -32,14 +35,22 @@ def first_turns(path: str, n: int) -> list[str]:
     return out[:n]
 
 
-def run(target, prompts: list[list[int]], method: str, size: int, max_new: int) -> tuple[float, int, int, list]:
-    """(seconds, new tokens, target forwards, outputs) for all prompts decoded in batches of `size`."""
-    outputs, forwards = [], 0
+def run(target, prompts: list[list[int]], method: str, size: int, max_new: int,
+        static: bool) -> tuple[float, int, int, list]:
+    """(seconds, new tokens, batched target forwards, outputs) for all prompts, at most `size` at a time."""
+    factory = FACTORIES[method]
+    chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)] if static else [prompts]
+    outputs: list[list[int]] = []
+    forwards = 0
     start = time.perf_counter()
-    for i in range(0, len(prompts), size):
-        res = generate_batch(target, prompts[i:i + size], FACTORIES[method], max_new_tokens=max_new)
-        outputs += [r.tokens for r in res]
-        forwards = forwards + max(r.stats.target_forwards for r in res)  # batched forwards = the slowest row's
+    for chunk in chunks:
+        got: list[list[int]] = [[] for _ in chunk]
+        drafters = None if factory is None else [factory() for _ in chunk]
+        for step in stream_batch(target, chunk, drafters, Sampling(), max_new, max_batch=size):
+            forwards += 1
+            for out, new in zip(got, step):
+                out += new
+        outputs += got
     return time.perf_counter() - start, sum(map(len, outputs)), forwards, outputs
 
 
@@ -50,6 +61,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--runs", type=int, default=1, help="timed runs per method and size (best kept)")
+    ap.add_argument("--static", action="store_true", help="fixed chunks instead of prompts joining as rows free up")
     ap.add_argument("--target", default="smollm2")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -64,7 +76,8 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for method in FACTORIES:
-            best = min((run(target, prompts, method, size, args.max_new_tokens) for _ in range(args.runs)),
+            best = min((run(target, prompts, method, size, args.max_new_tokens, args.static)
+                        for _ in range(args.runs)),
                        key=lambda r: r[0])
             seconds, tokens, forwards, outputs = best
             reference = reference or outputs  # the first cell is batch size 1 vanilla when --sizes starts at 1
@@ -73,12 +86,12 @@ def main() -> None:
             print(f"batch {size:>2} {method:<8} {tokens / seconds:7.1f} tok/s", flush=True)
     base = {m: next(r[5] for r in rows if r[1] == m) for m in FACTORIES}
     print(f"\n{target.name} on {args.device} ({torch.get_num_threads()} threads), {len(prompts)} prompts, "
-          f"{args.max_new_tokens} new tokens, greedy")
+          f"{args.max_new_tokens} new tokens, greedy, {'static' if args.static else 'continuous'} batches")
     print(f"{'batch':>5} {'method':<8} {'tokens':>6} {'forwards':>8} {'seconds':>8} {'tok/s':>7} "
           f"{'vs b=' + str(args.sizes[0]):>7} {'same as ref':>11}")
     for size, method, tokens, forwards, seconds, tps, same in rows:
-        print(f"{size:>5} {method:<8} {tokens:>6} {forwards:>8} {seconds:>8.2f} {tps:>7.1f} {tps / base[method]:>6.2f}x "
-              f"{same:>5}/{len(prompts)}")
+        print(f"{size:>5} {method:<8} {tokens:>6} {forwards:>8} {seconds:>8.2f} {tps:>7.1f} "
+              f"{tps / base[method]:>6.2f}x {same:>5}/{len(prompts)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_target
 from koala.acceptance import Sampling
-from koala.decode import generate, generate_batch, keep_paths, stream_batch
+from koala.decode import Stats, generate, generate_batch, keep_paths, stream_batch
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.drafters.eagle import EagleDrafter
 from koala.drafters.medusa import MedusaDrafter
@@ -53,6 +53,30 @@ def test_sequences_finish_at_different_times(llama_target):
     assert out[1].tokens[-1] == eos and out[1].stats.target_forwards < max(o.stats.target_forwards for o in out)
     mixed = generate_batch(llama_target, PROMPTS[:3], max_new_tokens=30)
     assert [o.tokens for o in mixed] == refs[:3]
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 4])
+def test_waiting_prompts_join_as_rows_finish(llama_target, max_batch):
+    llama_target.eos_ids = set()
+    eos = references(llama_target, PROMPTS[1:2], 30)[0][6]
+    llama_target.eos_ids = {eos}  # rows finish at different steps, so waiting prompts join mid-flight
+    refs = references(llama_target, PROMPTS, 30)
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
+    stats = [Stats() for _ in PROMPTS]
+    drafters = [PromptLookupDrafter(max_ngram=2, num_tokens=4) for _ in PROMPTS]
+    steps = 0
+    for step in stream_batch(llama_target, PROMPTS, drafters, max_new_tokens=30, stats=stats, max_batch=max_batch):
+        assert sum(bool(new) for new in step) <= max_batch
+        for got, new in zip(tokens, step):
+            got += new
+        steps += 1
+    assert tokens == refs
+    forwards = sum(s.target_forwards for s in stats)
+    assert steps == forwards if max_batch == 1 else steps < forwards  # sequences shared target forwards
+    out = generate_batch(llama_target, PROMPTS, max_new_tokens=30, batch_size=max_batch)
+    assert [o.tokens for o in out] == refs
+    with pytest.raises(ValueError, match="max_batch"):
+        list(stream_batch(llama_target, PROMPTS, max_batch=0))
 
 
 def test_per_row_budgets_and_context_limit(llama_target):

@@ -89,6 +89,15 @@ def drop_rows(cache: DynamicCache, keep: list[int], length: int) -> None:
         layer.values = layer.values[idx, :, :length]
 
 
+@torch.inference_mode()
+def add_rows(cache: DynamicCache, count: int) -> None:
+    """Append `count` empty rows (valid length 0) to the cache, for sequences joining a running batch."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(count, *layer.keys.shape[1:])])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros(count, *layer.values.shape[1:])])
+
+
 def _accept(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, rule: str,
             generator: torch.Generator | None) -> Accepted:
     if sampling.greedy:
@@ -134,17 +143,21 @@ def _check(target: Target, prompts: Sequence[list[int]], drafters: Sequence[Draf
 
 def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequence[Drafter] | None = None,
                  sampling: Sampling = Sampling(), max_new_tokens: int = 256, stats: Sequence[Stats] | None = None,
-                 rule: str = "auto", seed: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[list[list[int]]]:
+                 rule: str = "auto", seed: int | None = None, should_stop: Callable[[], bool] | None = None,
+                 max_batch: int | None = None) -> Iterator[list[list[int]]]:
     """The decode loop for one or more sequences: after every target forward, yield each prompt's newly committed
-    ids (an empty list once it has finished); fill `stats` (one Stats per prompt) as it goes.
+    ids (an empty list while it waits or once it has finished); fill `stats` (one Stats per prompt) as it goes.
 
     All live sequences share ONE target forward per step: each brings its own pending tokens and draft tree,
     and its own cache row whose valid length may differ from the others' (see `batch_verify_inputs`). Finished
-    sequences leave the batch. With a seed, sequence b samples from its own generator seeded seed + b.
+    sequences leave the batch; with `max_batch`, at most that many decode at once and waiting prompts join (their
+    prompt forward rides along with the others' step) as soon as rows free up. With a seed, sequence b samples
+    from its own generator seeded seed + b. Stats.seconds counts from the start of the whole batch.
     """
     drafters = [Drafter() for _ in prompts] if drafters is None else drafters
     _check(target, prompts, drafters, rule)
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
     stats = [Stats() for _ in prompts] if stats is None else stats
     device = target.device
     ids = [list(p) for p in prompts]
@@ -154,14 +167,18 @@ def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequenc
     for drafter, p in zip(drafters, ids):
         drafter.reset(p)
     cache = DynamicCache()
-    live = [b for b in range(len(ids)) if budgets[b] > 0]  # the sequences in the cache's rows, in order
-    lengths, width = [0] * len(live), 0  # valid cache length of each row; the cache's column count
+    limit = max_batch or len(ids)
+    waiting = [b for b in range(len(ids)) if budgets[b] > 0]  # sequences not in the cache yet, in order
+    live, lengths, width = [], [], 0  # sequences in the cache's rows, their valid lengths, the cache's columns
     start = time.perf_counter()
-    first = True
-    while live and not (should_stop and should_stop()):
+    while (live or waiting) and not (should_stop and should_stop()):
+        if waiting and len(live) < limit:
+            joining, waiting = waiting[:limit - len(live)], waiting[limit - len(live):]
+            add_rows(cache, len(joining))
+            live, lengths = live + joining, lengths + [0] * len(joining)
         trees = []
-        for b, past in zip(live, lengths):
-            tree = DraftTree.empty() if first else drafters[b].propose(ids[b], sampling, generators[b])
+        for b, past in zip(live, lengths):  # a row with nothing cached yet brings its prompt, without a tree
+            tree = drafters[b].propose(ids[b], sampling, generators[b]) if past else DraftTree.empty()
             if len(tree) and max(tree.depth) > target.max_length - past - pending[b].numel() - 1:
                 tree = DraftTree.empty()  # too close to the context limit to verify a tree
             trees.append(tree)
@@ -199,7 +216,6 @@ def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequenc
             drop_rows(cache, stay, max(lengths, default=0))
         width = max(lengths, default=0)
         yield out
-        first = False
 
 
 def stream_text(target: Target, token_stream: Iterator[list[int]]) -> Iterator[str]:
@@ -237,18 +253,21 @@ def generate(target: Target, prompt: str | list[dict] | list[int], drafter: Draf
 
 def generate_batch(target: Target, prompts: Sequence[str | list[dict] | list[int]],
                    drafters: Sequence[Drafter] | Callable[[], Drafter] | None = None, sampling: Sampling = Sampling(),
-                   max_new_tokens: int = 256, rule: str = "auto", seed: int | None = None) -> list[Result]:
+                   max_new_tokens: int = 256, rule: str = "auto", seed: int | None = None,
+                   batch_size: int | None = None) -> list[Result]:
     """Generate answers to several prompts at once, batching their target forwards.
 
-    `drafters` is one drafter per prompt, or a factory called once per prompt (None = vanilla decoding). Greedy
-    output per prompt is the same as `generate`'s.
+    `drafters` is one drafter per prompt, or a factory called once per prompt (None = vanilla decoding). At most
+    `batch_size` prompts (default: all) decode at once; the rest join as others finish. Greedy output per prompt
+    is the same as `generate`'s.
     """
     ids = [_prompt_ids(target, p) for p in prompts]
     if callable(drafters) and not isinstance(drafters, Drafter):
         drafters = [drafters() for _ in ids]
     stats = [Stats() for _ in ids]
     tokens: list[list[int]] = [[] for _ in ids]
-    for step in stream_batch(target, ids, drafters, sampling, max_new_tokens, stats, rule, seed):
+    for step in stream_batch(target, ids, drafters, sampling, max_new_tokens, stats, rule, seed,
+                             max_batch=batch_size):
         for got, new in zip(tokens, step):
             got += new
     return [Result(target.decode(t), t, st) for t, st in zip(tokens, stats)]
