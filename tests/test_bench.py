@@ -66,7 +66,7 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     head = save_head(random_head(tiny_target("llama"), "eagle", 1), tmp_path / "eagle-head")  # same weights as saved
     rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "12",
-               "--method", "hf-generate", "--method", "pld2=pld:max_ngram=2,num_tokens=4",
+               "--threads", "1", "--method", "hf-generate", "--method", "pld2=pld:max_ngram=2,num_tokens=4",
                "--method", "hf-prompt-lookup:num_tokens=4",
                "--method", f"ek={head}:tree=dynamic,depth=3,top_k=2,total_tokens=6", "--out", str(out)])
     assert rc == 0

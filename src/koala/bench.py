@@ -352,6 +352,8 @@ def _bench(args: argparse.Namespace) -> int:
     from koala.cli import target_from_args
 
     specs = [parse_method(m) for m in args.method]
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a busy CPU, 1 thread is steadier than oversubscribed ones
     target = target_from_args(args)
     summary = bench(target, args.questions, specs, args.out, Sampling(args.temperature, args.top_p, args.top_k),
                     args.max_new_tokens, args.runs, args.limit_per_category, args.seed)
@@ -377,6 +379,7 @@ def add_command(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--runs", type=int, default=1, help="timed runs per question and method (median is kept)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
     add_target_args(p)
     p.set_defaults(func=_bench)

@@ -99,8 +99,8 @@ def run_demo(target: Target, drafter: Drafter, prompts: list[tuple[str, str]] = 
 
 def table(rows: list[Row], name: str) -> str:
     """Per-prompt tokens/s, speedup, tau and exactness, plus the mean row."""
-    lines = [f"{'prompt':<10}{'tokens':>7}{'vanilla t/s':>13}{name + ' t/s':>16}{'speedup':>9}{'tau':>6}  same as vanilla",
-             "-" * 78]
+    head = f"{'prompt':<10}{'tokens':>7}{'vanilla t/s':>13}{name + ' t/s':>16}{'speedup':>9}{'tau':>6}"
+    lines = [head + "  same as vanilla", "-" * 78]
     for r in rows:
         lines.append(f"{r.label:<10}{r.koala.new_tokens:>7}{r.vanilla.tokens_per_s:>13.1f}{r.koala.tokens_per_s:>16.1f}"
                      f"{r.speedup:>8.2f}x{r.koala.tau:>6.2f}  {'yes' if r.same else 'NO'}")
