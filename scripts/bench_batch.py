@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
 from koala.bench import load_questions
 from koala.acceptance import Sampling
 from koala.decode import generate_batch, stream_batch
-from koala.drafters import PromptLookupDrafter
+from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import load_target
-
-FACTORIES = {"vanilla": None, "pld": PromptLookupDrafter}  # method -> drafter factory (None = vanilla)
-
 
 def first_turns(path: str, n: int) -> list[str]:
     """First turns of n questions taken round-robin over the categories, so every task kind is represented."""
@@ -35,10 +33,10 @@ def first_turns(path: str, n: int) -> list[str]:
     return out[:n]
 
 
-def run(target, prompts: list[list[int]], method: str, size: int, max_new: int,
+def run(target, prompts: list[list[int]], factory: Callable[[], Drafter] | None, size: int, max_new: int,
         static: bool) -> tuple[float, int, int, list]:
-    """(seconds, new tokens, batched target forwards, outputs) for all prompts, at most `size` at a time."""
-    factory = FACTORIES[method]
+    """(seconds, new tokens, batched target forwards, outputs) for all prompts, at most `size` at a time;
+    factory None is vanilla decoding."""
     chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)] if static else [prompts]
     outputs: list[list[int]] = []
     forwards = 0
@@ -62,21 +60,23 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--runs", type=int, default=1, help="timed runs per method and size (best kept)")
     ap.add_argument("--static", action="store_true", help="fixed chunks instead of prompts joining as rows free up")
+    ap.add_argument("--pld-tokens", type=int, default=8, help="longest pld draft (every row pays the batch's longest)")
     ap.add_argument("--target", default="smollm2")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if min(args.sizes) < 1:
         ap.error("--sizes must be positive")
 
+    factories = {"vanilla": None, "pld": lambda: PromptLookupDrafter(num_tokens=args.pld_tokens)}
     target = load_target(args.target, args.device)
     prompts = [target.encode(p) for p in first_turns(args.questions, args.prompts)]
-    for method in FACTORIES:  # warm-up: kernels, allocator, first-call setup
-        generate_batch(target, prompts[:2], FACTORIES[method], max_new_tokens=8)
+    for factory in factories.values():  # warm-up: kernels, allocator, first-call setup
+        generate_batch(target, prompts[:2], factory, max_new_tokens=8)
     reference = None
     rows = []
     for size in args.sizes:
-        for method in FACTORIES:
-            best = min((run(target, prompts, method, size, args.max_new_tokens, args.static)
+        for method, factory in factories.items():
+            best = min((run(target, prompts, factory, size, args.max_new_tokens, args.static)
                         for _ in range(args.runs)),
                        key=lambda r: r[0])
             seconds, tokens, forwards, outputs = best
@@ -84,7 +84,7 @@ def main() -> None:
             same = sum(a == b for a, b in zip(outputs, reference))
             rows.append((size, method, tokens, forwards, seconds, tokens / seconds, same))
             print(f"batch {size:>2} {method:<8} {tokens / seconds:7.1f} tok/s", flush=True)
-    base = {m: next(r[5] for r in rows if r[1] == m) for m in FACTORIES}
+    base = {m: next(r[5] for r in rows if r[1] == m) for m in factories}
     print(f"\n{target.name} on {args.device} ({torch.get_num_threads()} threads), {len(prompts)} prompts, "
           f"{args.max_new_tokens} new tokens, greedy, {'static' if args.static else 'continuous'} batches")
     print(f"{'batch':>5} {'method':<8} {'tokens':>6} {'forwards':>8} {'seconds':>8} {'tok/s':>7} "

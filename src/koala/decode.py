@@ -58,16 +58,13 @@ def keep_paths(cache: DynamicCache, lengths: list[int], width: int, kept: list[l
     Row b keeps its history [0, lengths[b]) and the block columns width + kept[b][j], moved in order to
     lengths[b] + j; the cache is then cut to the longest row, so it never holds more than the longest sequence.
     """
-    rows, src, dst = [], [], []
-    for b, (n, nodes) in enumerate(zip(lengths, kept)):
-        for j, node in enumerate(nodes):
-            if width + node != n + j:
-                rows.append(b), src.append(width + node), dst.append(n + j)
+    moves = [(b, width + node, n + j) for b, (n, nodes) in enumerate(zip(lengths, kept))
+             for j, node in enumerate(nodes) if width + node != n + j]  # (row, from column, to column)
     new = [n + len(nodes) for n, nodes in zip(lengths, kept)]
     end = max(new)
     for layer in cache.layers:
-        if rows:
-            r, s, d = (torch.tensor(x, dtype=torch.long, device=layer.keys.device) for x in (rows, src, dst))
+        if moves:
+            r, s, d = torch.tensor(moves, dtype=torch.long, device=layer.keys.device).T
             layer.keys[r, :, d, :] = layer.keys[r, :, s, :]
             layer.values[r, :, d, :] = layer.values[r, :, s, :]
         layer.keys = layer.keys[..., :end, :]
