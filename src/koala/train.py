@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     max_minutes: float | None = None  # stop early (with a checkpoint and a final head) after this long
+    bf16: bool = False  # bf16 autocast on CPU too (always on CUDA); ~2x faster where the CPU has AMX/AVX512-BF16
 
     def __post_init__(self) -> None:
         if self.head not in ("medusa", "eagle"):
@@ -460,7 +461,8 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     stream = BatchStream(source, train_idx, cfg.batch_size, cfg.seed, rank, world)
     eval_batches = [eval_idx[i:i + cfg.batch_size] for i in range(0, len(eval_idx), cfg.batch_size)]
     metrics = out / "metrics.jsonl"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda or cfg.bf16)
 
     def checkpoint() -> None:
         if main:
@@ -640,7 +642,7 @@ def config_from_args(args) -> TrainConfig:
                        max_steps=args.max_steps, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                        lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, seed=args.seed,
                        eval_sequences=args.eval_sequences, eval_every=args.eval_every, log_every=args.log_every,
-                       save_every=args.save_every, max_minutes=args.max_minutes, noise=args.noise)
+                       save_every=args.save_every, max_minutes=args.max_minutes, bf16=args.bf16, noise=args.noise)
 
 
 def _run(args) -> int:
@@ -674,6 +676,7 @@ def add_command(sub) -> None:
     p.add_argument("--draft-vocab", type=int, default=0, help="reduced draft vocabulary size (0 = full)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (saved) after this wall time")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (always on with CUDA)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
