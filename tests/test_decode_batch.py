@@ -150,3 +150,12 @@ def test_bad_input(llama_target):
     shared = PromptLookupDrafter()
     with pytest.raises(ValueError, match="twice"):
         generate_batch(llama_target, [[5], [6]], [shared, shared])
+
+
+@pytest.mark.slow
+def test_smollm2_batch_matches_one_at_a_time(smollm2):
+    prompts = [smollm2.encode(p) for p in ["Summarize: the cat sat on the mat. The cat was happy on the mat.",
+                                           "Write a Python function that adds two numbers.", "Hi"]]
+    refs = [generate(smollm2, p, max_new_tokens=32).tokens for p in prompts]
+    out = generate_batch(smollm2, prompts, PromptLookupDrafter, max_new_tokens=32, batch_size=2)
+    assert [o.tokens for o in out] == refs
