@@ -2,4 +2,7 @@
 # The README's test command (also what CI runs): set up .venv if needed, then run the whole test suite.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+# One OpenMP thread per process: the suite's models are tiny, and on a busy 2-core machine two spinning threads per
+# process made the SmolLM2 tests ~20x slower.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec .venv/bin/python -m pytest -q "$@"
