@@ -147,6 +147,8 @@ def test_bad_input(llama_target):
         generate_batch(llama_target, [[5], [6]], [Drafter()])
     with pytest.raises(ValueError, match="one drafter per prompt"):
         list(stream_batch(llama_target, [[5], [6]], Drafter()))
+    with pytest.raises(ValueError, match="one Stats per prompt"):
+        list(stream_batch(llama_target, [[5], [6]], stats=[Stats()]))
     shared = PromptLookupDrafter()
     with pytest.raises(ValueError, match="twice"):
         generate_batch(llama_target, [[5], [6]], [shared, shared])

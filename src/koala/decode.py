@@ -156,6 +156,8 @@ def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequenc
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
     stats = [Stats() for _ in prompts] if stats is None else stats
+    if len(stats) != len(prompts):
+        raise ValueError(f"Give one Stats per prompt ({len(prompts)}), got {len(stats)}.")
     device = target.device
     ids = [list(p) for p in prompts]
     pending = [torch.tensor(p, dtype=torch.long, device=device) for p in ids]
