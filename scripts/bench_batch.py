@@ -7,10 +7,12 @@ timed --runs times (best kept) after a warm-up, and every output is checked toke
 cell (batch-size-1 vanilla when --sizes starts at 1).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_batch.py --prompts 8 --max-new-tokens 64 --sizes 1 4 8
+    ... --head heads/smollm2-135m/eagle-koala   # adds a trained Medusa/EAGLE head as a third method
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1, help="timed runs per method and size (best kept)")
     ap.add_argument("--static", action="store_true", help="fixed chunks instead of prompts joining as rows free up")
     ap.add_argument("--pld-tokens", type=int, default=8, help="longest pld draft (every row pays the batch's longest)")
+    ap.add_argument("--head", default=None, help="also time this trained head directory (its default tree)")
     ap.add_argument("--target", default="smollm2")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -69,6 +72,12 @@ def main() -> None:
 
     factories = {"vanilla": None, "pld": lambda: PromptLookupDrafter(num_tokens=args.pld_tokens)}
     target = load_target(args.target, args.device)
+    if args.head:
+        from koala.drafters.factory import drafter_for_head
+
+        proto = drafter_for_head(args.head, target)  # loads the head and picks the tree size once
+        # shallow copies share the head weights; the loop's reset() gives each its own per-sequence state
+        factories["head"] = lambda: copy.copy(proto)
     prompts = [target.encode(p) for p in first_turns(args.questions, args.prompts)]
     for factory in factories.values():  # warm-up: kernels, allocator, first-call setup
         generate_batch(target, prompts[:2], factory, max_new_tokens=8)
