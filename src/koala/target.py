@@ -117,7 +117,7 @@ class Target:
     @torch.inference_mode()
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final (normed) hidden states of the body for (1, n) ids on top of `cache`, which it extends."""
+        """Final (normed) hidden states of the body for (B, n) ids on top of `cache`, which it extends."""
         out = self.body(input_ids=input_ids, position_ids=position_ids, cache=cache,
                         attention_mask=attention_mask, use_cache=True)
         return out.last_hidden_state
