@@ -71,6 +71,16 @@ def test_chat_completion_is_the_greedy_answer_with_stats(server):
     assert body["koala"]["tau"] == pytest.approx(len(reference.tokens) / body["koala"]["target_forwards"], abs=1e-3)
 
 
+def test_echoed_assistant_messages_with_null_fields_are_accepted(server):
+    url, target, _ = server
+    turns = CHAT + [{"role": "assistant", "content": "w7", "refusal": None, "tool_calls": None},
+                    {"role": "user", "content": "w9"}]
+    body = httpx.post(f"{url}/v1/chat/completions", json={"messages": turns}, timeout=30).json()
+    reference = generate(target, [{"role": m["role"], "content": m["content"]} for m in turns],
+                         max_new_tokens=MAX_TOKENS)
+    assert body["choices"][0]["message"]["content"] == reference.text
+
+
 def test_chat_stream_is_sse_in_openai_chunk_format(server):
     url, target, _ = server
     reference = generate(target, CHAT, max_new_tokens=8)

@@ -19,7 +19,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from koala.acceptance import Sampling
 from koala.decode import Stats
@@ -55,6 +55,12 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data):
+        """Clients echo answers back with null fields (refusal, tool_calls, ...): a null says nothing, so allow it."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
