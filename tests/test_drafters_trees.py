@@ -57,6 +57,17 @@ def test_grow_dynamic_keeps_best_nodes_and_their_ancestors():
     assert max(cands.tree(keep).depth) == 3
 
 
+def test_grow_dynamic_skips_levels_deeper_than_the_kept_tree():
+    calls = []
+
+    def counting(cands, nodes, k):
+        calls.append(len(nodes))
+        return _fixed_expand(cands, nodes, k)
+
+    cands, keep = grow_dynamic(counting, depth=5, top_k=2, total_tokens=2)
+    assert len(calls) == 2 and len(keep) == 2  # two kept nodes are at most two levels deep
+
+
 class OracleDrafter(Drafter):
     """Proposes the target's own greedy continuation (as the best-ranked child everywhere)."""
 

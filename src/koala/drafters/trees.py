@@ -131,7 +131,7 @@ def grow_dynamic(expand: Expand, depth: int, top_k: int, total_tokens: int) -> t
         raise ValueError(f"need depth, top_k and total_tokens >= 1 (got {depth}, {top_k}, {total_tokens})")
     cands = Candidates()
     frontier = [-1]
-    for _ in range(depth):
+    for _ in range(min(depth, total_tokens)):  # a kept tree of n nodes is at most n deep: skip useless levels
         tokens, logp = expand(cands, frontier, top_k)
         new = [cands.add(node, int(tokens[r, j]), float(logp[r, j]))
                for r, node in enumerate(frontier) for j in range(tokens.shape[1])]
