@@ -56,7 +56,7 @@ def run(target, prompts: list[list[int]], factory: Callable[[], Drafter] | None,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", default="/work/shared/data/spec_bench/question.jsonl")
+    ap.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8])

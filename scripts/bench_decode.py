@@ -38,7 +38,7 @@ def pick_prompts(path: str, n: int) -> list[tuple[str, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--questions", default="/work/shared/data/spec_bench/question.jsonl")
+    ap.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=2, help="timed runs per prompt and method (median kept)")

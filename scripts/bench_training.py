@@ -89,7 +89,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--draft-vocab", type=int, default=8192)
-    p.add_argument("--distill-data", default="/work/shared/data/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz")
+    p.add_argument("--distill-data", default="../shared/data/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz")
     p.add_argument("--distill-batches", default="", help="comma-separated batch sizes, e.g. 1,16,64")
     p.add_argument("--distill-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
