@@ -15,11 +15,9 @@ from transformers import DynamicCache
 
 from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
-from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, chain, grow_dynamic, grow_static, static_tree
+from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
 from koala.heads.eagle import EagleHead
 from koala.tree import DraftTree
-
-TREES = ("chain", "static", "dynamic")
 
 
 class EagleDrafter(Drafter):
@@ -30,15 +28,8 @@ class EagleDrafter(Drafter):
                  acceptance: Sequence[float] | None = None) -> None:
         self.head = head
         self.depth, self.top_k, self.total_tokens = depth or 5, top_k or 4, total_tokens or 16
-        if isinstance(tree, str):
-            if tree not in TREES:
-                raise ValueError(f"Unknown tree {tree!r}; choose one of {TREES} or give a list of paths.")
-            self.kind = tree
-            accept = acceptance or DEFAULT_ACCEPTANCE["eagle"]
-            self.paths = (chain(self.depth) if tree == "chain" else
-                          static_tree(self.total_tokens, self.depth, self.top_k, accept) if tree == "static" else None)
-        else:
-            self.kind, self.paths = "static", list(tree)
+        self.kind, self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens,
+                                           acceptance or DEFAULT_ACCEPTANCE["eagle"])
         self.reset([])
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -95,10 +86,7 @@ class EagleDrafter(Drafter):
         if self.root is None:
             return DraftTree.empty()
         try:
-            if self.paths is not None:
-                return grow_static(self.paths, self._expand).tree()
-            cands, keep = grow_dynamic(self._expand, self.depth, self.top_k, self.total_tokens)
-            return cands.tree(keep)
+            return grow(self.paths, self._expand, self.depth, self.top_k, self.total_tokens)
         finally:
             self.cache.crop(self.committed - self.cache.get_seq_length())  # negative = tokens to drop
             self._feature.clear()

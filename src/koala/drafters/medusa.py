@@ -11,11 +11,9 @@ import torch
 
 from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
-from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, chain, grow_dynamic, grow_static, static_tree
+from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
 from koala.heads.medusa import MedusaHead
 from koala.tree import DraftTree
-
-TREES = ("chain", "static", "dynamic")
 
 
 class MedusaDrafter(Drafter):
@@ -29,17 +27,10 @@ class MedusaDrafter(Drafter):
         self.depth = min(depth or heads, heads)
         self.top_k = top_k or 4
         self.total_tokens = total_tokens or 16
-        if isinstance(tree, str):
-            if tree not in TREES:
-                raise ValueError(f"Unknown tree {tree!r}; choose one of {TREES} or give a list of paths.")
-            self.kind = tree
-            accept = acceptance or DEFAULT_ACCEPTANCE["medusa"]
-            self.paths = (chain(self.depth) if tree == "chain" else
-                          static_tree(self.total_tokens, self.depth, self.top_k, accept) if tree == "static" else None)
-        else:
-            self.kind, self.paths = "static", list(tree)
-            if max(len(p) for p in self.paths) > heads:
-                raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
+        self.kind, self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens,
+                                           acceptance or DEFAULT_ACCEPTANCE["medusa"])
+        if self.paths is not None and max(len(p) for p in self.paths) > heads:
+            raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
         self.logp: torch.Tensor | None = None
 
     def reset(self, prompt_ids: list[int]) -> None:
@@ -60,7 +51,4 @@ class MedusaDrafter(Drafter):
     def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
         if self.logp is None:
             return DraftTree.empty()
-        if self.paths is not None:
-            return grow_static(self.paths, self._expand).tree()
-        cands, keep = grow_dynamic(self._expand, self.depth, self.top_k, self.total_tokens)
-        return cands.tree(keep)
+        return grow(self.paths, self._expand, self.depth, self.top_k, self.total_tokens)

@@ -138,3 +138,26 @@ def grow_dynamic(expand: Expand, depth: int, top_k: int, total_tokens: int) -> t
         frontier = sorted(new, key=lambda i: (-cands.scores[i], i))[:top_k]
     keep = sorted(range(len(cands.tokens)), key=lambda i: (-cands.scores[i], i))[:total_tokens]
     return cands, sorted(keep)
+
+
+TREES = ("chain", "static", "dynamic")
+
+
+def tree_paths(tree: str | Sequence[Path], depth: int, top_k: int, total_tokens: int,
+               acceptance: Sequence[float]) -> tuple[str, list[Path] | None]:
+    """(kind, paths) for a drafter's --tree: fixed paths for chain/static/an explicit list, None for dynamic."""
+    if not isinstance(tree, str):
+        return "static", list(tree)
+    if tree not in TREES:
+        raise ValueError(f"Unknown tree {tree!r}; choose one of {TREES} or give a list of paths.")
+    if tree == "dynamic":
+        return tree, None
+    return tree, chain(depth) if tree == "chain" else static_tree(total_tokens, depth, top_k, acceptance)
+
+
+def grow(paths: list[Path] | None, expand: Expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:
+    """The draft tree: along fixed `paths`, or EAGLE-2 dynamic growth when paths is None."""
+    if paths is not None:
+        return grow_static(paths, expand).tree()
+    cands, keep = grow_dynamic(expand, depth, top_k, total_tokens)
+    return cands.tree(keep)
