@@ -16,9 +16,9 @@ def distilled(tmp_path, target, n=24, reply=12):
     src = tmp_path / "prompts.jsonl"
     src.write_text("\n".join(json.dumps({"id": str(i), "conversations": [
         {"from": "human", "value": f"w{2 + i % 90} w{3 + (7 * i) % 90} w{5 + (3 * i) % 80}"}]}) for i in range(n)))
-    out = tmp_path / "distilled.jsonl"
+    out = tmp_path / "distilled"
     distill(target, src, out, DistillConfig(max_turns=1, max_new_tokens=reply, batch_size=8), progress=False)
-    return out
+    return out / "conversations.jsonl"
 
 
 def online(target, path):
@@ -42,7 +42,7 @@ def test_unroll_mask_sees_real_context_and_own_chain():
 @pytest.mark.parametrize("head", ["medusa", "eagle"])
 def test_cache_and_online_give_the_same_loss(llama_target, tmp_path, head):
     data = distilled(tmp_path, llama_target, n=6)
-    build_cache(llama_target, data, tmp_path / "c", max_length=64, dtype="float32", progress=False)
+    build_cache(llama_target, data, tmp_path / "c", max_length=64, progress=False)
     cache, live = HiddenCache(tmp_path / "c"), online(llama_target, data)
     by_ids = {tuple(cache.tokens(i)[0].tolist()): i for i in range(len(cache))}
     idx = [by_ids[tuple(s[0])] for s in live.sequences[:4]]

@@ -23,6 +23,7 @@ class Conversation:
 
     id: str
     messages: list[dict]
+    index: int = -1  # position in the input file: the key that resumable pipelines use (ids may repeat)
 
     @property
     def user_turns(self) -> list[str]:
@@ -98,6 +99,17 @@ def iter_records(path: str | Path, stats: ReadStats) -> Iterator[object]:
             line = f.readline()
 
 
+def _valid_unicode(texts: list[str], stats: ReadStats) -> bool:
+    """False (counted) for text with lone surrogates: JSON can carry them, UTF-8 and tokenizers cannot."""
+    try:
+        for t in texts:
+            t.encode("utf-8")
+    except UnicodeEncodeError:
+        stats.skip("invalid Unicode (lone surrogate)")
+        return False
+    return True
+
+
 def _sharegpt(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
     turns = rec.get("conversations", rec.get("conversation"))
     if not isinstance(turns, list):
@@ -120,7 +132,9 @@ def _sharegpt(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
     if not body or body[0]["role"] != "user" or not body[0]["content"].strip():
         stats.skip("does not start with a non-empty user turn")
         return None
-    return Conversation(str(rec.get("id", index)), system + body)
+    if not _valid_unicode([m["content"] for m in messages], stats):
+        return None
+    return Conversation(str(rec.get("id", index)), system + body, index)
 
 
 def _mt_bench(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
@@ -132,7 +146,10 @@ def _mt_bench(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
     if not turns:
         stats.skip("only empty turns")
         return None
-    return Conversation(str(rec.get("question_id", index)), [{"role": "user", "content": t} for t in turns])
+    if not _valid_unicode(turns, stats):
+        return None
+    return Conversation(str(rec.get("question_id", index)), [{"role": "user", "content": t} for t in turns],
+                        index)
 
 
 def read_conversations(path: str | Path, stats: ReadStats | None = None) -> Iterator[Conversation]:

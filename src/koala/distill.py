@@ -1,35 +1,56 @@
-"""Self-distillation: regenerate the assistant turns of a chat dataset with the target itself.
+"""Self-distillation: the target answers a chat dataset's prompts, and its hidden states are kept as it goes.
 
-A draft head must predict what *the target* would say, not what ChatGPT said, so the training text is rewritten by
-the target (turn k's prompt holds the target's own earlier replies). Generation is batched with left padding, the
-output JSONL gets one line per finished conversation (ShareGPT form, with its id), and a restarted run skips the ids
-already written, so the job can be stopped at any moment and resumed.
+A draft head must predict what *the target* would say, so its training text is the target's own replies (turn k's
+prompt holds the target's earlier replies). Generation runs on `SlotModel`: a preallocated KV cache with one slot
+per sequence, rows leaving as they finish and waiting prompts joining in their place, so the batch stays full and
+nothing is concatenated or padded per token. The final hidden states of every token (prompt from the prefill,
+reply from the decode steps) are written into a hidden-state cache as shards, so training needs no second target
+pass. Each record is keyed by its position in the input file; a shard and its records are published together by an
+atomic manifest rewrite, so a killed run resumes exactly where its last shard ended.
+
+Output directory: manifest.json + shardNNNN/ (koala-hidden-cache format, see hidden_cache.py), and
+conversations.jsonl (the distilled text, in record order of completion; rewritten from the shards on resume).
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from koala.atomic import write_json_atomic
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
+from koala.hidden_cache import FORMAT, MANIFEST, shard_keys, tokenize_conversation, write_shard
+from koala.slots import SlotModel
+
+TEXT = "conversations.jsonl"
 
 
 @dataclass
 class DistillConfig:
     max_conversations: int | None = None
-    max_turns: int = 2
+    max_turns: int = 1
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int = 64  # rows decoded together (KV-cache slots)
     temperature: float = 0.0
     max_prompt_tokens: int = 1024
-    pool_factor: int = 4  # conversations read ahead and sorted by prompt length, so a batch pads little
+    shard_tokens: int = 1 << 18  # tokens per published shard (the resume granularity)
+    prefill_tokens: int = 8192  # prompt tokens per prefill forward when rows join
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_turns", "max_new_tokens", "batch_size", "max_prompt_tokens", "shard_tokens",
+                     "prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}.")
+        if not self.temperature >= 0:  # also refuses NaN
+            raise ValueError(f"--temperature must be >= 0, not {self.temperature}.")
 
 
 @dataclass
@@ -37,6 +58,7 @@ class DistillStats:
     conversations: int = 0
     turns: int = 0
     new_tokens: int = 0
+    tokens: int = 0
     already_done: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     truncated_replies: int = 0
@@ -50,149 +72,260 @@ class DistillStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
-def done_ids(out: Path) -> set[str]:
-    """Ids already in the output; a truncated last line (killed mid-write) is cut off so appends stay valid JSONL."""
-    if not out.is_file():
-        return set()
-    ids, good_end = set(), 0
-    with open(out, "rb") as f:
-        for line in f:
-            try:
-                ids.add(str(json.loads(line)["id"]))
-                good_end += len(line)
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                break
-    if good_end != out.stat().st_size:
-        with open(out, "r+b") as f:
-            f.truncate(good_end)
-        if good_end and not out.read_bytes().endswith(b"\n"):
-            with open(out, "ab") as f:
-                f.write(b"\n")
-    return ids
+@dataclass
+class Job:
+    """One assistant turn to generate: the conversation so far and its prompt ids."""
+
+    conv: Conversation
+    turn: int
+    history: list[dict]  # messages before this turn's user message (system, earlier turns)
+    messages: list[dict]  # history + this turn's user message
+    prompt: list[int]
+    prompt_mask: list[bool]  # True on earlier assistant-written tokens of the prompt
+    counts: list[int]  # new tokens of earlier turns
+    finish: list[str]
 
 
-@torch.inference_mode()
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   ) -> list[tuple[list[int], bool]]:
-    """New tokens for each prompt (left-padded batch), cut at the first EOS; True = it stopped at EOS."""
-    from transformers import GenerationConfig
+@dataclass
+class Row:
+    """A job in a cache slot: its tokens so far, hidden states, and whether its last token is final."""
 
-    pad = target.tokenizer.pad_token_id
-    pad = pad if pad is not None else min(target.eos_ids)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                           temperature=temperature if temperature > 0 else None, top_k=None, top_p=None,
-                           eos_token_id=sorted(target.eos_ids), pad_token_id=pad)
-    out = target.model.generate(input_ids=ids.to(target.device), attention_mask=mask.to(target.device),
-                                generation_config=cfg)
-    result = []
-    for row in out[:, width:].tolist():
-        stop = next((j for j, t in enumerate(row) if t in target.eos_ids), None)
-        result.append((row[:stop] if stop is not None else row, stop is not None))
-    return result
+    job: Job
+    ids: list[int]
+    hidden: list[torch.Tensor]
+    new: int = 0
+    final: str | None = None  # "eos" / "length" once the last token is chosen (it is still fed once)
 
 
-def _pools(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
-    pool = []
-    for c in convs:
-        pool.append(c)
-        if len(pool) == size:
-            yield pool
-            pool = []
-    if pool:
-        yield pool
+def make_job(target, conv: Conversation, turn: int, history: list[dict], cfg: DistillConfig,
+             counts: list[int], finish: list[str], stats: DistillStats) -> Job | None:
+    """The job for user turn `turn` of `conv` after `history`, or None (counted) when it cannot be asked."""
+    users = conv.user_turns
+    if turn >= len(users) or turn >= cfg.max_turns or not users[turn].strip():
+        return None
+    messages = history + [{"role": "user", "content": users[turn]}]
+    where = "first turn" if turn == 0 else "later turn"
+    try:
+        prompt = target.encode(messages)
+        prev_ids, prev_mask = tokenize_conversation(target, history) if turn else ([], [])
+    except (ValueError, UnicodeError) as e:
+        stats.skip(f"cannot tokenise ({where}): {type(e).__name__}")
+        return None
+    if len(prompt) > cfg.max_prompt_tokens:
+        stats.skip(f"prompt over --max-prompt-tokens ({where})")
+        return None
+    if len(prompt) + cfg.max_new_tokens + 1 > target.max_length:
+        stats.skip(f"prompt + reply over the target's context ({where})")
+        return None
+    if prompt[:len(prev_ids)] != prev_ids:
+        stats.skip("chat template not prefix-stable (later turn)")
+        return None
+    mask = prev_mask + [False] * (len(prompt) - len(prev_ids))
+    return Job(conv, turn, history, messages, prompt, mask, counts, finish)
 
 
-def distill_pool(target, pool: list[Conversation], cfg: DistillConfig, stats: DistillStats,
-                 on_batch=None) -> list[tuple[Conversation, list[int], list[str]]]:
-    """Regenerate up to max_turns assistant turns for each conversation of the pool, turn by turn, batched."""
-    system = {c.id: [m for m in c.messages[:1] if m["role"] == "system"] for c in pool}
-    history = {c.id: list(system[c.id]) for c in pool}
-    counts = {c.id: [] for c in pool}
-    finish = {c.id: [] for c in pool}
-    active = list(pool)
-    for k in range(cfg.max_turns):
-        jobs = []
-        for c in active:
-            users = c.user_turns
-            if k >= len(users) or not users[k].strip():
-                continue
-            messages = history[c.id] + [{"role": "user", "content": users[k]}]
-            ids = target.encode(messages)
-            if len(ids) > cfg.max_prompt_tokens or len(ids) + cfg.max_new_tokens > target.max_length:
-                stats.skip("prompt too long (first turn)" if k == 0 else "prompt too long (later turn)")
-                continue
-            jobs.append((c, messages, ids))
-        jobs.sort(key=lambda j: len(j[2]))
-        for b in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[b:b + cfg.batch_size]
-            outs = generate_batch(target, [j[2] for j in chunk], cfg.max_new_tokens, cfg.temperature)
-            for (c, messages, _), (new, stopped) in zip(chunk, outs):
-                reply = target.tokenizer.decode(new, skip_special_tokens=True)
-                history[c.id] = messages + [{"role": "assistant", "content": reply}]
-                counts[c.id].append(len(new) + int(stopped))
-                finish[c.id].append("eos" if stopped else "length")
-                stats.turns += 1
-                stats.new_tokens += len(new) + int(stopped)
-                stats.truncated_replies += int(not stopped)
-            if on_batch:
-                on_batch()
-        active = [j[0] for j in jobs]
-    done = []
-    for c in pool:
-        if counts[c.id]:
-            done.append((Conversation(c.id, history[c.id]), counts[c.id], finish[c.id]))
-    return done
+class Generator:
+    """Continuous batched generation over SlotModel: `run` yields finished rows with their hidden states."""
+
+    def __init__(self, target, cfg: DistillConfig) -> None:
+        self.target, self.cfg = target, cfg
+        self.capacity = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
+        self.model = SlotModel(target.model, cfg.batch_size, self.capacity)
+        self.eos = torch.tensor(sorted(target.eos_ids))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _next(self, hidden: torch.Tensor) -> list[int]:
+        logits = self.target.logits(hidden)
+        if self.cfg.temperature == 0:
+            return logits.argmax(-1).tolist()
+        probs = torch.softmax(logits / self.cfg.temperature, dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.gen)[:, 0].tolist()
+
+    def _choose(self, row: Row, token: int) -> None:
+        row.ids.append(token)
+        row.new += 1
+        if token in self.target.eos_ids:
+            row.final = "eos"
+        elif row.new >= self.cfg.max_new_tokens:
+            row.final = "length"
+
+    def _admit(self, rows: list[Row], queue: deque) -> None:
+        """Prefill waiting jobs into the free slots (few forwards of at most prefill_tokens tokens each)."""
+        dev = self.target.device
+        while queue and len(rows) < self.cfg.batch_size:
+            group: list[Job] = []
+            while queue and len(rows) + len(group) < self.cfg.batch_size:
+                width = max([len(queue[0].prompt)] + [len(j.prompt) for j in group])
+                if group and width * (len(group) + 1) > self.cfg.prefill_tokens:
+                    break
+                group.append(queue.popleft())
+            width = max(len(j.prompt) for j in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            for i, j in enumerate(group):
+                ids[i, :len(j.prompt)] = torch.tensor(j.prompt)
+            pos = torch.arange(width).expand(len(group), width)
+            h = self.model.forward(len(rows), ids.to(dev), pos.to(dev))
+            first = self._next(h[torch.arange(len(group)), [len(j.prompt) - 1 for j in group]])
+            for i, j in enumerate(group):
+                row = Row(j, list(j.prompt), [h[i, :len(j.prompt)].to(torch.float16).cpu()])
+                self._choose(row, first[i])
+                rows.append(row)
+
+    def run(self, jobs: Iterator[Job], more: deque) -> Iterator[tuple[Row, torch.Tensor]]:
+        """Generate every job of `jobs` and of `more` (follow-up turns pushed by the caller while this runs);
+        yields each finished row with the hidden states (n_tokens, d, fp16) of all its tokens."""
+        dev = self.target.device
+        rows: list[Row] = []
+        while True:
+            if len(rows) < self.cfg.batch_size:
+                queue = more
+                while len(queue) < self.cfg.batch_size - len(rows):
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    queue.append(job)
+                if len(rows) <= self.cfg.batch_size * 7 // 8 or not rows:
+                    self._admit(rows, queue)
+            if not rows:
+                return
+            ids = torch.tensor([[r.ids[-1]] for r in rows], device=dev)
+            pos = torch.tensor([[len(r.ids) - 1] for r in rows], device=dev)
+            h = self.model.forward(0, ids, pos)[:, 0]
+            h16 = h.to(torch.float16).cpu()
+            live = [i for i, r in enumerate(rows) if r.final is None]
+            nxt = self._next(h[live]) if live else []
+            for i, r in enumerate(rows):
+                r.hidden.append(h16[i:i + 1])
+            for i, tok in zip(live, nxt):
+                self._choose(rows[i], tok)
+            done = [i for i, r in enumerate(rows) if r.final is not None and i not in live]
+            for i in sorted(done, reverse=True):  # the last token was just fed: the row is complete
+                row = rows[i]
+                yield row, torch.cat(row.hidden)
+                last = len(rows) - 1
+                if i != last:
+                    self.model.move(last, i, len(rows[last].ids))
+                    rows[i] = rows[last]
+                rows.pop()
+
+
+def _done_keys(out: Path) -> tuple[dict | None, set[int]]:
+    file = out / MANIFEST
+    if not file.is_file():
+        return None, set()
+    manifest = json.loads(file.read_text())
+    return manifest, shard_keys(out, manifest["shards"])
+
+
+def _rewrite_text(out: Path, manifest: dict) -> None:
+    """conversations.jsonl = exactly the published shards' records (drops lines of a run killed mid-publish)."""
+    tmp = out / (TEXT + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for shard in manifest["shards"]:
+            for r in json.loads((out / shard["name"] / "records.json").read_text()):
+                f.write(json.dumps(r) + "\n")
+    tmp.replace(out / TEXT)
 
 
 def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progress: bool = True) -> DistillStats:
-    """Run (or resume) self-distillation of `data` into the JSONL file `out`."""
+    """Run (or resume) self-distillation of `data` into the directory `out`."""
     from tqdm import tqdm
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    skip = done_ids(out)
-    read = ReadStats()
-    stats = DistillStats(already_done=len(skip))
-    torch.manual_seed(cfg.seed)
+    from koala.heads.config import target_identity
 
-    def todo() -> Iterator[Conversation]:
-        n = len(skip)
-        for c in read_conversations(data, read):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old, done = _done_keys(out)
+    ident = target_identity(target)
+    if old is not None:
+        if old["target"]["lm_head_sha256"] != ident["lm_head_sha256"]:
+            raise ValueError(f"{out} was distilled from another target ({old.get('target_name')}); use a new --out.")
+        _rewrite_text(out, old)
+    stats = DistillStats(already_done=len(done))
+    read = ReadStats()
+    more: deque = deque()
+
+    def jobs() -> Iterator[Job]:
+        n = len(done)
+        for conv in read_conversations(data, read):
             if cfg.max_conversations is not None and n >= cfg.max_conversations:
                 return
-            if c.id in skip:
+            if conv.index in done:
                 continue
-            n += 1
-            yield c
+            job = make_job(target, conv, 0, [m for m in conv.messages[:1] if m["role"] == "system"], cfg, [], [],
+                           stats)
+            if job is not None:
+                n += 1
+                yield job
 
-    total = None if cfg.max_conversations is None else max(cfg.max_conversations - len(skip), 0)
-    bar = tqdm(total=total, unit="conv", disable=not progress, mininterval=5, file=sys.stderr)
+    manifest = old or {"format": FORMAT, "source": str(data), "target": ident, "target_name": target.name,
+                       "hidden_size": int(target.config.hidden_size), "dtype": "float16",
+                       "max_length": cfg.max_prompt_tokens + cfg.max_new_tokens, "sequences": 0, "tokens": 0,
+                       "loss_tokens": 0, "cut_sequences": 0, "cut_tokens": 0, "skipped": {}, "shards": [],
+                       "seconds": 0.0, "bytes": 0}
+    pending: list[tuple[dict, list[int], list[bool], np.ndarray]] = []
     start = time.perf_counter()
+    seconds0 = manifest["seconds"]
 
-    def tick() -> None:
+    def publish() -> None:
+        if not pending:
+            return
+        shard = write_shard(out / f"shard{len(manifest['shards']):04d}",
+                            [(p[1], p[2]) for p in pending], [p[3] for p in pending],
+                            [p[0] for p in pending])
+        with open(out / TEXT, "a", encoding="utf-8") as f:
+            for p in pending:
+                f.write(json.dumps(p[0]) + "\n")
+        manifest["shards"].append(shard)
+        manifest["sequences"] += len(pending)
+        manifest["tokens"] += shard["tokens"]
+        manifest["loss_tokens"] += sum(int(sum(p[2])) for p in pending)
+        manifest["seconds"] = round(seconds0 + time.perf_counter() - start, 1)
+        manifest["bytes"] += shard["bytes"]
+        for k, v in stats.skipped.items():
+            manifest["skipped"][k] = v + old["skipped"].get(k, 0) if old else v
+        write_json_atomic(out / MANIFEST, manifest)
+        pending.clear()
+
+    total = None if cfg.max_conversations is None else max(cfg.max_conversations - len(done), 0)
+    bar = tqdm(total=total, unit="conv", disable=not progress, mininterval=5, file=sys.stderr)
+    for row, hidden in Generator(target, cfg).run(jobs(), more):
+        job = row.job
+        new = row.ids[len(job.prompt):]
+        reply_ids = new[:-1] if row.final == "eos" else new
+        reply = target.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        counts, finish = job.counts + [row.new], job.finish + [row.final]
+        stats.turns += 1
+        stats.new_tokens += row.new
+        stats.truncated_replies += row.final == "length"
+        history = job.messages + [{"role": "assistant", "content": reply}]
+        follow = make_job(target, job.conv, job.turn + 1, history, cfg, counts, finish, stats) \
+            if row.final == "eos" else None
+        if follow is not None:
+            more.append(follow)
+            continue
+        # A reply cut at max_new_tokens has no end-of-turn token: the mask covers exactly what the target wrote.
+        record = json.loads(write_sharegpt(Conversation(job.conv.id, history), new_tokens=counts, finish=finish))
+        record["key"] = job.conv.index
+        ids, mask = row.ids, job.prompt_mask + [True] * len(new)
+        pending.append((record, ids, mask, hidden.numpy()))
+        stats.conversations += 1
+        stats.tokens += len(ids)
+        bar.update(1)
         stats.seconds = time.perf_counter() - start
         bar.set_postfix(tok=stats.new_tokens, tok_s=f"{stats.tokens_per_s:.0f}", refresh=False)
-        bar.refresh()
-
-    with open(out, "a", encoding="utf-8") as f:
-        for pool in _pools(todo(), cfg.batch_size * cfg.pool_factor):
-            for conv, counts, finish in distill_pool(target, pool, cfg, stats, tick):
-                f.write(write_sharegpt(conv, new_tokens=counts, finish=finish) + "\n")
-                stats.conversations += 1
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(pool))
-            tick()
+        if sum(len(p[1]) for p in pending) >= cfg.shard_tokens:
+            publish()
+    publish()
     bar.close()
     stats.seconds = time.perf_counter() - start
     for reason, n in read.skipped.items():
         stats.skip(f"input: {reason}", n)
+    if stats.skipped:
+        manifest["skipped"] = {**manifest["skipped"], **{k: v for k, v in stats.skipped.items()
+                                                        if k.startswith("input: ")}}
+        if manifest["shards"]:
+            write_json_atomic(out / MANIFEST, manifest)
     return stats
 
 
@@ -201,32 +334,31 @@ def _run(args) -> int:
 
     target = target_from_args(args)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
-                        args.temperature, args.max_prompt_tokens, args.pool_factor, args.seed)
+                        args.temperature, args.max_prompt_tokens, seed=args.seed)
+    torch.set_num_threads(args.threads) if args.threads else None
     stats = distill(target, args.data, args.out, cfg)
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items())) or "none"
     print(json.dumps({"out": str(args.out), "conversations_written": stats.conversations,
                       "already_done": stats.already_done, "turns": stats.turns, "new_tokens": stats.new_tokens,
-                      "replies_cut_at_max_new_tokens": stats.truncated_replies,
-                      "seconds": round(stats.seconds, 1), "tokens_per_s": round(stats.tokens_per_s, 1),
+                      "tokens": stats.tokens, "replies_cut_at_max_new_tokens": stats.truncated_replies,
+                      "seconds": round(stats.seconds, 1), "new_tokens_per_s": round(stats.tokens_per_s, 1),
                       "skipped": stats.skipped}))
-    print(f"skipped: {skipped}", file=sys.stderr)
     return 0
 
 
 def add_command(sub) -> None:
     from koala.cli import add_target_args
 
-    p = sub.add_parser("distill", help="regenerate a chat dataset's assistant turns with the target (resumable)")
-    p.add_argument("--data", required=True, help="ShareGPT JSON/JSONL(.gz) or MT-bench question file")
-    p.add_argument("--out", required=True, help="output JSONL (appended; ids already there are skipped)")
+    p = sub.add_parser("distill", help="the target answers a chat dataset; text + hidden states kept (resumable)")
+    p.add_argument("--data", required=True, help="ShareGPT JSON/JSONL(.gz), MT-bench or Spec-Bench question file")
+    p.add_argument("--out", required=True, help="output directory (a hidden-state cache + conversations.jsonl); "
+                                                "records already there are skipped")
     p.add_argument("--max-conversations", type=int, default=None, help="stop once the output holds this many")
-    p.add_argument("--max-turns", type=int, default=2, help="user turns answered per conversation")
+    p.add_argument("--max-turns", type=int, default=1, help="user turns answered per conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per assistant reply")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (counted)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--pool-factor", type=int, default=4,
-                   help="read batch-size x this many conversations ahead, sorted by length (output written per pool)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     add_target_args(p)
     p.set_defaults(func=_run)

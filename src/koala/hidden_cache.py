@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koala.atomic import write_json_atomic
 from koala.data import ReadStats, read_conversations
 
 FORMAT = "koala-hidden-cache/1"
@@ -70,21 +71,25 @@ def tokenize_conversation(target, messages: list[dict]) -> tuple[list[int], list
 
 
 def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStats,
-                     max_sequences: int | None = None, skip_ids: set[str] = frozenset(),
-                     ) -> list[tuple[str, list[int], list[bool]]]:
-    """(conversation id, ids, mask) of a distilled file, cut to max_length (cuts and skips counted in `stats`);
-    conversations whose id is in `skip_ids` (already cached) are passed over."""
+                     max_sequences: int | None = None, skip_keys: set[int] = frozenset(),
+                     ) -> list[tuple[int, list[int], list[bool]]]:
+    """(key, ids, mask) of a distilled file, cut to max_length (cuts and skips counted in `stats`); the key is the
+    conversation's position in the file, and conversations whose key is in `skip_keys` (already cached) are
+    passed over."""
     read = ReadStats()
     out = []
     for conv in read_conversations(data, read):
         if max_sequences is not None and len(out) >= max_sequences:
             break
-        if conv.id in skip_ids:
+        if conv.index in skip_keys:
             continue
         try:
             ids, mask = tokenize_conversation(target, conv.messages)
         except ValueError:
             stats.skip("chat template not prefix-stable")
+            continue
+        except UnicodeError:
+            stats.skip("text the tokenizer cannot encode (e.g. a lone surrogate)")
             continue
         if len(ids) > max_length:
             stats.cut_sequences += 1
@@ -93,7 +98,7 @@ def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStat
         if sum(mask[1:]) == 0:  # position 0 is never predicted
             stats.skip("no assistant tokens (within max length)")
             continue
-        out.append((conv.id, ids, mask))
+        out.append((conv.index, ids, mask))
         stats.sequences += 1
         stats.tokens += len(ids)
         stats.loss_tokens += sum(mask)
@@ -215,20 +220,30 @@ class HiddenCache:
         return Batch(ids, mask, valid, hidden)
 
 
-def _write_shard(dirpath: Path, hidden: list[np.ndarray], seqs: list[tuple[str, list[int], list[bool]]]) -> dict:
-    shutil.rmtree(dirpath, ignore_errors=True)  # a leftover of a killed append, never listed in the manifest
-    dirpath.mkdir(parents=True)
-    lengths = [len(s[1]) for s in seqs]
-    np.save(dirpath / "hidden.npy", np.concatenate(hidden))
-    np.save(dirpath / "ids.npy", np.concatenate([np.asarray(s[1], dtype=np.int32) for s in seqs]))
-    np.save(dirpath / "mask.npy", np.concatenate([np.asarray(s[2], dtype=np.bool_) for s in seqs]))
-    np.save(dirpath / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    (dirpath / "conversations.json").write_text(json.dumps([s[0] for s in seqs]))
-    return {"name": dirpath.name, "sequences": len(seqs), "tokens": int(sum(lengths))}
+def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool]]], hidden: list[np.ndarray],
+                records: list[dict]) -> dict:
+    """Write one shard directory atomically: ids, loss mask, offsets, hidden states (fp16) and one small record
+    per sequence (at least its "key", the position of its conversation in the source file)."""
+    from koala.atomic import atomic_dir
+
+    lengths = [len(s[0]) for s in seqs]
+    with atomic_dir(dirpath) as tmp:
+        np.save(tmp / "hidden.npy", np.concatenate(hidden).astype(np.float16, copy=False))
+        np.save(tmp / "ids.npy", np.concatenate([np.asarray(s[0], dtype=np.int32) for s in seqs]))
+        np.save(tmp / "mask.npy", np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in seqs]))
+        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        (tmp / "records.json").write_text(json.dumps(records))
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+    return {"name": dirpath.name, "sequences": len(seqs), "tokens": int(sum(lengths)), "bytes": size}
+
+
+def shard_keys(cache_dir: Path, shards: list[dict]) -> set[int]:
+    """Keys (source positions) of the sequences the listed shards hold."""
+    return {int(r["key"]) for sh in shards for r in json.loads((cache_dir / sh["name"] / "records.json").read_text())}
 
 
 def build_cache(target, data: str | Path, out: str | Path, max_length: int = 1024, batch_tokens: int = 8192,
-                shard_tokens: int = 1 << 18, dtype: str = "float16", max_sequences: int | None = None,
+                shard_tokens: int = 1 << 18, max_sequences: int | None = None,
                 append: bool = False, progress: bool = True) -> dict:
     """One target pass over `data` into the cache directory `out`.
 
@@ -248,15 +263,12 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         old = json.loads((out / MANIFEST).read_text())
         if old["target"]["lm_head_sha256"] != target_identity(target)["lm_head_sha256"]:
             raise ValueError(f"{out} was built from another target ({old.get('target_name')}); cannot append.")
-        if old["max_length"] != max_length or old["dtype"] != dtype:
-            raise ValueError(f"{out} uses max_length {old['max_length']} and dtype {old['dtype']}; append with "
-                             f"the same --max-length and --cache-dtype.")
+        if old["max_length"] != max_length:
+            raise ValueError(f"{out} uses max_length {old['max_length']}; append with the same --max-length.")
     start = time.perf_counter()
     stats = TokenStats()
-    done = set()
-    for shard in (old or {}).get("shards", []):
-        done.update(json.loads((out / shard["name"] / "conversations.json").read_text()))
-    seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_ids=done)
+    done = shard_keys(out, old["shards"]) if old else set()
+    seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_keys=done)
     if not seqs:
         if old is not None:
             return old
@@ -266,7 +278,6 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][1]))  # similar lengths per batch: little padding
-    np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
     shards = list((old or {}).get("shards", []))
     pending_h, pending_s = [], []
     bar = tqdm(total=stats.tokens, unit="tok", disable=not progress, mininterval=5, file=sys.stderr)
@@ -279,11 +290,12 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         ids, _, valid = _pad([(s[1], s[2]) for s in chunk])
         hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu().numpy()
         for row, s in enumerate(chunk):
-            pending_h.append(hidden[row, :len(s[1])].astype(np_dtype))
+            pending_h.append(hidden[row, :len(s[1])].astype(np.float16))
             pending_s.append(s)
         bar.update(int(valid.sum()))
         if sum(len(s[1]) for s in pending_s) >= shard_tokens or j == len(order):
-            shards.append(_write_shard(work / f"shard{len(shards):04d}", pending_h, pending_s))
+            shards.append(write_shard(work / f"shard{len(shards):04d}", [(s[1], s[2]) for s in pending_s],
+                                      pending_h, [{"key": s[0]} for s in pending_s]))
             pending_h, pending_s = [], []
         i = j
     bar.close()
@@ -296,15 +308,13 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         skipped[k] = skipped.get(k, 0) + v
     manifest = {
         "format": FORMAT, "source": str(data), "target": target_identity(target), "target_name": target.name,
-        "hidden_size": int(target.config.hidden_size), "dtype": dtype, "max_length": max_length,
+        "hidden_size": int(target.config.hidden_size), "dtype": "float16", "max_length": max_length,
         "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
         "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,
         "shards": shards, "seconds": round((old or {}).get("seconds", 0) + time.perf_counter() - start, 1),
-        "bytes": sum(f.stat().st_size for sh in shards for f in (work / sh["name"]).iterdir()),
+        "bytes": sum(sh["bytes"] for sh in shards),
     }
-    tmp_manifest = work / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=1))
-    tmp_manifest.replace(work / MANIFEST)
+    write_json_atomic(work / MANIFEST, manifest)
     if old is None:
         work.replace(out)
     return manifest
@@ -314,7 +324,7 @@ def _run(args) -> int:
     from koala.cli import target_from_args
 
     target = target_from_args(args)
-    manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens, dtype=args.cache_dtype,
+    manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens,
                            max_sequences=args.max_sequences, append=args.append)
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "target")}, indent=1))
     return 0
@@ -331,6 +341,5 @@ def add_command(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per target forward pass")
     p.add_argument("--append", action="store_true",
                    help="add the conversations of --data that the existing cache in --out does not hold yet")
-    p.add_argument("--cache-dtype", choices=["float16", "float32"], default="float16")
     add_target_args(p)
     p.set_defaults(func=_run)

@@ -1,0 +1,59 @@
+"""Writing files and directories so that a reader (or a resumed run) sees the old version or the new one, never
+half of one; an OSError becomes one sentence naming the path, and temporary folders never stay behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class OutputError(OSError):
+    """An output path could not be written (read-only, full disk, ...); the message says which and why."""
+
+
+def _explain(path: Path, e: OSError) -> OutputError:
+    why = e.strerror or str(e)
+    return OutputError(f"Cannot write {path}: {why}. Choose another output path or free space / fix permissions.")
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final` (an old `final` is removed
+    only after the new one is in place), on any error it is deleted."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise _explain(final.parent, e) from e
+    try:
+        yield tmp
+        if final.exists():
+            final.replace(old)
+        tmp.replace(final)
+    except OSError as e:
+        raise _explain(final, e) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _explain(path, e) from e
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1))
