@@ -42,11 +42,12 @@ class DistillConfig:
     max_prompt_tokens: int = 1024
     shard_tokens: int = 1 << 18  # tokens per published shard (the resume granularity)
     prefill_tokens: int = 8192  # prompt tokens per prefill forward when rows join
+    pool_factor: int = 16  # prompts read ahead (x batch_size) and sorted by length
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_new_tokens", "batch_size", "max_prompt_tokens", "shard_tokens",
-                     "prefill_tokens"):
+                     "prefill_tokens", "pool_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}.")
         if not self.temperature >= 0:  # also refuses NaN
@@ -246,17 +247,23 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
     more: deque = deque()
 
     def jobs() -> Iterator[Job]:
-        n = len(done)
+        """First-turn jobs, read ahead `pool` at a time and sorted by prompt length: rows decoded together then
+        have similar lengths, and attention never spans far past a row's own keys."""
+        n, pool = len(done), []
         for conv in read_conversations(data, read):
             if cfg.max_conversations is not None and n >= cfg.max_conversations:
-                return
+                break
             if conv.index in done:
                 continue
             job = make_job(target, conv, 0, [m for m in conv.messages[:1] if m["role"] == "system"], cfg, [], [],
                            stats)
             if job is not None:
                 n += 1
-                yield job
+                pool.append(job)
+            if len(pool) == cfg.batch_size * cfg.pool_factor:
+                yield from sorted(pool, key=lambda j: len(j.prompt))
+                pool = []
+        yield from sorted(pool, key=lambda j: len(j.prompt))
 
     manifest = old or {"format": FORMAT, "source": str(data), "target": ident, "target_name": target.name,
                        "hidden_size": int(target.config.hidden_size), "dtype": "float16",
