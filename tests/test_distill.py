@@ -98,7 +98,7 @@ def test_cut_reply_has_no_end_token_in_its_mask(llama_target, tmp_path):
     rows = list(map(json.loads, (out / TEXT).read_text().splitlines()))
     cache = HiddenCache(out)
     for i, r in enumerate(rows):
-        ids, mask = cache.tokens(i)
+        ids, mask, _ = cache.tokens(i)
         written = [int(t) for t, m in zip(ids, mask) if m]
         assert len(written) == r["new_tokens"][0]
         if r["finish"] == ["length"]:

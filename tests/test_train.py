@@ -6,7 +6,7 @@ import torch
 from koala.adversarial import AdvConfig
 from koala.heads import load_head
 from koala.hidden_cache import HiddenCache, OnlineSource, TokenStats, build_cache, tokenize_file
-from koala.train import TrainConfig, head_step, split_indices, train, unroll_mask
+from koala.train import DraftVocab, TrainConfig, head_step, split_indices, train, unroll_mask, windows
 
 
 def distilled(tmp_path, target, n=24, reply=12):
@@ -52,7 +52,7 @@ def test_cache_and_online_give_the_same_loss(llama_target, tmp_path, head):
     cfg = small_cfg(head)
     torch.manual_seed(0)
     h = build_head(HeadConfig.for_target(llama_target, head, 2, num_heads=3), llama_target)
-    ident = torch.arange(llama_target.config.vocab_size)
+    ident = DraftVocab.build(llama_target, None, "cpu")
     with torch.no_grad():
         a = head_step(h, cache.batch(idx), ident, cfg, train=False)
         b = head_step(h, live.batch([0, 1, 2, 3]), ident, cfg, train=False)

@@ -26,7 +26,7 @@ import torch
 
 from koala.atomic import write_json_atomic
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
-from koala.hidden_cache import FORMAT, MANIFEST, shard_keys, tokenize_conversation, write_shard
+from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, shard_keys, tokenize_conversation, write_shard
 from koala.slots import SlotModel
 
 TEXT = "conversations.jsonl"
@@ -278,7 +278,8 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         if not pending:
             return
         shard = write_shard(out / f"shard{len(manifest['shards']):04d}",
-                            [(p[1], p[2]) for p in pending], [p[3] for p in pending],
+                            [(p[1], p[2], greedy_from_ids(np.asarray(p[1]), np.asarray(p[2]))) for p in pending],
+                            [p[3] for p in pending],
                             [p[0] for p in pending])
         with open(out / TEXT, "a", encoding="utf-8") as f:
             for p in pending:

@@ -21,7 +21,8 @@ import torch
 from koala.atomic import write_json_atomic
 from koala.data import ReadStats, read_conversations
 
-FORMAT = "koala-hidden-cache/1"
+FORMAT = "koala-hidden-cache/2"
+SHARD_ARRAYS = ("hidden", "ids", "mask", "greedy", "offsets")
 MANIFEST = "manifest.json"
 
 
@@ -109,37 +110,76 @@ def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStat
 
 def tokenize_file(target, data: str | Path, max_length: int, stats: TokenStats,
                   max_sequences: int | None = None) -> list[tuple[list[int], list[bool]]]:
-    """Tokenised conversations of a distilled file (see tokenize_records), without their ids."""
+    """Tokenised conversations of a distilled file (see tokenize_records), without their keys."""
     return [(ids, mask) for _, ids, mask in tokenize_records(target, data, max_length, stats, max_sequences)]
+
+
+def greedy_from_ids(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The target's argmax next token per position for text the target generated greedily: where token t+1 is
+    the target's (mask), its argmax at t *was* token t+1; -1 elsewhere (not needed there)."""
+    out = np.full(len(ids), -1, dtype=np.int32)
+    out[:-1] = np.where(mask[1:], ids[1:], -1)
+    return out
+
+
+@torch.inference_mode()
+def greedy_from_hidden(target, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) argmax of the target's next-token logits (full vocabulary, fp32) at positions t whose next token is
+    supervised (mask[:, t+1]); -1 elsewhere. For text the target did not write (teacher-forced data)."""
+    need = torch.zeros_like(mask)
+    need[:, :-1] = mask[:, 1:]
+    out = torch.full(mask.shape, -1, dtype=torch.long)
+    rows = need.nonzero(as_tuple=True)
+    for a in range(0, rows[0].numel(), 4096):
+        r = (rows[0][a:a + 4096], rows[1][a:a + 4096])
+        w = target.lm_head.weight
+        out[r] = (hidden[r].to(w.device, torch.float32) @ w.float().T).argmax(-1).cpu()
+    return out
+
+
+def _span(item, length) -> tuple[int, int, int]:
+    """A batch item is a sequence index (the whole sequence) or (index, start, stop): a window of it."""
+    return (item, 0, length(item)) if isinstance(item, int) else item
 
 
 @dataclass
 class Batch:
-    """Right-padded batch: ids/loss_mask/valid (B, T), hidden (B, T, d) final normed target states."""
+    """Right-padded batch: ids/loss_mask/valid (B, T), hidden (B, T, d) final normed target states, and greedy
+    (B, T): the target's argmax next token after position t (-1 where unknown or unneeded)."""
 
     ids: torch.Tensor
     loss_mask: torch.Tensor
     valid: torch.Tensor
     hidden: torch.Tensor
+    greedy: torch.Tensor
 
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.loss_mask.to(device), self.valid.to(device), self.hidden.to(device))
+        return Batch(*(t.to(device) for t in (self.ids, self.loss_mask, self.valid, self.hidden, self.greedy)))
 
 
-def _pad(seqs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))  # a copy: mmaps are read-only
+
+
+def _pad(seqs: list[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, mask, valid, greedy of (ids, mask[, greedy]) sequences, right-padded."""
     width = max(len(s[0]) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)
     valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, (s, m) in enumerate(seqs):
-        ids[i, :len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
-        mask[i, :len(s)] = torch.from_numpy(np.array(m, dtype=bool))
-        valid[i, :len(s)] = True
-    return ids, mask, valid
+    greedy = torch.full((len(seqs), width), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s[0])
+        ids[i, :n] = _tensor(s[0])
+        mask[i, :n] = _tensor(s[1])
+        valid[i, :n] = True
+        if len(s) > 2:
+            greedy[i, :n] = _tensor(s[2])
+    return ids, mask, valid, greedy
 
 
 @torch.inference_mode()
@@ -164,37 +204,58 @@ class OnlineSource:
     def length(self, i: int) -> int:
         return len(self.sequences[i][0])
 
-    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = self.sequences[i]
-        return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, mask and greedy next tokens (the sequences are the target's own greedy text)."""
+        ids, mask = np.asarray(self.sequences[i][0], dtype=np.int32), np.asarray(self.sequences[i][1], dtype=bool)
+        return ids, mask, greedy_from_ids(ids, mask)
 
-    def batch(self, indices: list[int]) -> Batch:
-        ids, mask, valid = _pad([self.sequences[i] for i in indices])
+    def batch(self, items: list) -> Batch:
+        """Hidden states are computed over each sequence's whole prefix, then the window is cut out."""
+        spans = [_span(it, self.length) for it in items]
+        ids, mask, valid, _ = _pad([tuple(x[:b] for x in self.sequences[i]) for i, _, b in spans])
         dev = self.target.device
         hidden = target_hidden(self.target, ids.to(dev), valid.to(dev)).float().cpu()
-        return Batch(ids, mask, valid, hidden)
+        greedy = greedy_from_hidden(self.target, hidden, mask)
+        cut = [(ids[r, a:b], mask[r, a:b], greedy[r, a:b]) for r, (_, a, b) in enumerate(spans)]
+        ids, mask, valid, greedy = _pad(cut)
+        h = hidden.new_zeros(*ids.shape, hidden.shape[-1])
+        for r, (_, a, b) in enumerate(spans):
+            h[r, :b - a] = hidden[r, a:b]
+        return Batch(ids, mask, valid, h, greedy)
 
 
 class HiddenCache:
-    """A cache directory written by `build_cache`, memory-mapped (the OS pages in only what a batch touches)."""
+    """One or more cache directories written by `koala distill` or `build_cache`, read as one source and
+    memory-mapped (the OS pages in only what a batch touches)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        file = self.path / MANIFEST
-        if not file.is_file():
-            raise FileNotFoundError(f"{self.path} is not a hidden-state cache (no {MANIFEST}); build one with "
-                                    f"`koala cache --data DISTILLED.jsonl --out {self.path}`.")
-        self.manifest = json.loads(file.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{file} has format {self.manifest.get('format')!r}, expected {FORMAT!r}.")
+    def __init__(self, paths: str | Path | list) -> None:
+        self.paths = [Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+        self.manifests = [self._manifest(p) for p in self.paths]
+        self.manifest = self.manifests[0]
+        for p, m in zip(self.paths[1:], self.manifests[1:]):
+            if m["target"].get("lm_head_sha256") != self.target.get("lm_head_sha256"):
+                raise ValueError(f"{p} was built from another target than {self.paths[0]}; they cannot be mixed.")
         self._index: list[tuple[int, int, int]] = []  # (shard, start, end) per sequence
         self._shards = []
-        for s, shard in enumerate(self.manifest["shards"]):
-            d = self.path / shard["name"]
-            arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in ("hidden", "ids", "mask", "offsets")}
-            self._shards.append(arrays)
-            off = arrays["offsets"]
-            self._index += [(s, int(off[i]), int(off[i + 1])) for i in range(len(off) - 1)]
+        for path, manifest in zip(self.paths, self.manifests):
+            for shard in manifest["shards"]:
+                d = path / shard["name"]
+                arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in SHARD_ARRAYS}
+                off = arrays["offsets"]
+                self._index += [(len(self._shards), int(off[i]), int(off[i + 1])) for i in range(len(off) - 1)]
+                self._shards.append(arrays)
+
+    @staticmethod
+    def _manifest(path: Path) -> dict:
+        file = path / MANIFEST
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} is not a hidden-state cache (no {MANIFEST}); build one with "
+                                    f"`koala distill --out {path}` or `koala cache --out {path}`.")
+        manifest = json.loads(file.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{file} has format {manifest.get('format')!r}, expected {FORMAT!r}: it was "
+                             f"written by another koala version; rebuild it.")
+        return manifest
 
     @property
     def target(self) -> dict:
@@ -207,27 +268,32 @@ class HiddenCache:
         _, a, b = self._index[i]
         return b - a
 
-    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, loss mask and the target's greedy next tokens of sequence i."""
         s, a, b = self._index[i]
-        return self._shards[s]["ids"][a:b], self._shards[s]["mask"][a:b]
+        sh = self._shards[s]
+        return sh["ids"][a:b], sh["mask"][a:b], sh["greedy"][a:b]
 
-    def batch(self, indices: list[int]) -> Batch:
-        ids, mask, valid = _pad([self.tokens(i) for i in indices])
+    def batch(self, items: list) -> Batch:
+        spans = [_span(it, self.length) for it in items]
+        ids, mask, valid, greedy = _pad([tuple(x[a:b] for x in self.tokens(i)) for i, a, b in spans])
         hidden = torch.zeros(*ids.shape, self.manifest["hidden_size"])
-        for row, i in enumerate(indices):
-            s, a, b = self._index[i]
-            hidden[row, :b - a] = torch.from_numpy(np.array(self._shards[s]["hidden"][a:b], dtype=np.float32))
-        return Batch(ids, mask, valid, hidden)
+        for row, (i, a, b) in enumerate(spans):
+            s, start, _ = self._index[i]
+            hidden[row, :b - a] = torch.from_numpy(
+                np.array(self._shards[s]["hidden"][start + a:start + b], dtype=np.float32))
+        return Batch(ids, mask, valid, hidden, greedy)
 
 
-def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool]]], hidden: list[np.ndarray],
+def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool], np.ndarray]], hidden: list[np.ndarray],
                 records: list[dict]) -> dict:
-    """Write one shard directory atomically: ids, loss mask, offsets, hidden states (fp16) and one small record
-    per sequence (at least its "key", the position of its conversation in the source file)."""
+    """Write one shard directory atomically: ids, loss mask, greedy next tokens, offsets, hidden states (fp16)
+    and one small record per sequence (at least its "key", the position of its conversation in the source)."""
     from koala.atomic import atomic_dir
 
     lengths = [len(s[0]) for s in seqs]
     with atomic_dir(dirpath) as tmp:
+        np.save(tmp / "greedy.npy", np.concatenate([np.asarray(s[2], dtype=np.int32) for s in seqs]))
         np.save(tmp / "hidden.npy", np.concatenate(hidden).astype(np.float16, copy=False))
         np.save(tmp / "ids.npy", np.concatenate([np.asarray(s[0], dtype=np.int32) for s in seqs]))
         np.save(tmp / "mask.npy", np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in seqs]))
@@ -287,14 +353,16 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         while j < len(order) and len(seqs[order[j]][1]) * (j - i + 1) <= batch_tokens:
             j += 1
         chunk = [seqs[k] for k in order[i:j]]
-        ids, _, valid = _pad([(s[1], s[2]) for s in chunk])
-        hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu().numpy()
+        ids, mask, valid, _ = _pad([(s[1], s[2]) for s in chunk])
+        hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu()
+        greedy = greedy_from_hidden(target, hidden, mask).numpy()
+        hidden = hidden.numpy()
         for row, s in enumerate(chunk):
             pending_h.append(hidden[row, :len(s[1])].astype(np.float16))
-            pending_s.append(s)
+            pending_s.append((s[0], s[1], s[2], greedy[row, :len(s[1])]))
         bar.update(int(valid.sum()))
         if sum(len(s[1]) for s in pending_s) >= shard_tokens or j == len(order):
-            shards.append(write_shard(work / f"shard{len(shards):04d}", [(s[1], s[2]) for s in pending_s],
+            shards.append(write_shard(work / f"shard{len(shards):04d}", [s[1:] for s in pending_s],
                                       pending_h, [{"key": s[0]} for s in pending_s]))
             pending_h, pending_s = [], []
         i = j

@@ -31,6 +31,7 @@ from koala.adversarial import AdvConfig, Discriminator, Draft, d_loss, g_loss
 from koala.hidden_cache import Batch, HiddenCache, OnlineSource
 
 CKPT = "checkpoint"
+PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
 
 
 @dataclass
@@ -77,6 +78,22 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------- data
 
+def windows(source, indices: list[int], max_len: int, context: int) -> list[tuple[int, int, int]]:
+    """(sequence, start, stop) windows of at most max_len tokens that together train on every cached token: a
+    window after the first starts `context` tokens before the previous one ended, so each (position, target
+    token) pair with a gap of up to `context` lies inside one window."""
+    out = []
+    for i in indices:
+        n, a = source.length(i), 0
+        while True:
+            b = min(n, a + max_len)
+            out.append((i, a, b))
+            if b == n:
+                break
+            a = b - context
+    return out
+
+
 def split_indices(n: int, eval_sequences: int) -> tuple[list[int], list[int]]:
     """(train, eval) sequence indices; the held-out set is fixed (independent of --seed) so runs compare."""
     g = torch.Generator().manual_seed(12345)
@@ -85,10 +102,11 @@ def split_indices(n: int, eval_sequences: int) -> tuple[list[int], list[int]]:
     return sorted(perm[k:]), sorted(perm[:k])
 
 
-def epoch_batches(lengths: list[int], indices: list[int], batch: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of one epoch: shuffled, grouped by similar length (less padding), in shuffled order."""
+def epoch_batches(lengths: list[int], batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches (lists of item numbers) of one epoch: shuffled, grouped by similar length (less padding), in
+    shuffled order."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    perm = torch.randperm(len(lengths), generator=g).tolist()
     out = []
     group = batch * 16
     for a in range(0, len(perm), group):
@@ -99,31 +117,27 @@ def epoch_batches(lengths: list[int], indices: list[int], batch: int, seed: int,
 
 
 class BatchStream:
-    """The batch for global step k, derived from (seed, k) alone: resuming needs no iterator state."""
+    """The batch (of windows) for global step k, derived from (seed, k) alone: resuming needs no iterator state."""
 
-    def __init__(self, source, indices: list[int], batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        if len(indices) < world:
-            raise ValueError(f"Only {len(indices)} training sequences for {world} processes; use more data.")
-        self.source, self.indices, self.batch, self.seed = source, indices, batch, seed
+    def __init__(self, items: list[tuple[int, int, int]], batch: int, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
+        if len(items) < world:
+            raise ValueError(f"Only {len(items)} training windows for {world} processes; use more data.")
+        self.items, self.batch, self.seed = items, batch, seed
         self.rank, self.world = rank, world
-        self.lengths = [source.length(i) for i in range(len(source))]
+        self.lengths = [b - a for _, a, b in items]
         self._epoch, self._batches = -1, []
 
     def per_epoch(self) -> int:
-        return math.ceil(len(self.indices) / self.batch)
+        return math.ceil(len(self.items) / self.batch)
 
-    def indices_at(self, step: int) -> list[int]:
+    def indices_at(self, step: int) -> list[tuple[int, int, int]]:
         epoch, i = divmod(step, self.per_epoch())
         if epoch != self._epoch:
-            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.indices, self.batch, self.seed, epoch)
+            self._epoch, self._batches = epoch, epoch_batches(self.lengths, self.batch, self.seed, epoch)
         chosen = self._batches[i]
-        mine = chosen[self.rank::self.world]
-        return mine or chosen[:1]
-
-
-def crop(batch: Batch, length: int) -> Batch:
-    return Batch(batch.ids[:, :length], batch.loss_mask[:, :length], batch.valid[:, :length],
-                 batch.hidden[:, :length])
+        mine = chosen[self.rank::self.world] or chosen[:1]
+        return [self.items[j] for j in mine]
 
 
 # ----------------------------------------------------------------------------------------------------- losses
@@ -147,13 +161,40 @@ def shifted(mask: torch.Tensor, shift: int) -> torch.Tensor:
     return out
 
 
-def label_logprobs(lm_head, hidden: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-    """(B, T, Vd) target log-probs over the draft vocab at the positions in `need` (zeros elsewhere)."""
-    with torch.no_grad():
+@dataclass
+class DraftVocab:
+    """The label side of the draft vocabulary: the target's LM-head rows (fp32, frozen) that labels are computed
+    with, and `to_draft`: target id -> draft id (-1 outside it; index -1 maps the unknown id -1 to -1)."""
+
+    weight: torch.Tensor
+    to_draft: torch.Tensor
+
+    @classmethod
+    def build(cls, target, draft_vocab: list[int] | None, device) -> "DraftVocab":
+        w = target.lm_head.weight.detach().float()
+        vocab = w.shape[0]
+        to_draft = torch.full((vocab + 1,), -1, dtype=torch.long)
+        ids = torch.arange(vocab) if draft_vocab is None else torch.tensor(draft_vocab)
+        to_draft[ids] = torch.arange(len(ids))
+        return cls(w[ids.to(w.device)].to(device), to_draft.to(device))
+
+    def draft_ids(self, target_ids: torch.Tensor) -> torch.Tensor:
+        return self.to_draft[target_ids]
+
+
+class Labels:
+    """The target's next-token log-probs over the draft vocabulary, in fp32 and outside autocast, computed only at
+    the positions some loss reads (`need`); `at(b, t)` gathers them."""
+
+    def __init__(self, vocab: DraftVocab, hidden: torch.Tensor, need: torch.Tensor) -> None:
         rows = need.nonzero(as_tuple=True)
-        out = torch.zeros(*need.shape, lm_head.weight.shape[0], device=hidden.device)
-        out[rows] = F.log_softmax(lm_head(hidden[rows].to(lm_head.weight.dtype)).float(), dim=-1)
-    return out
+        self.index = torch.full(need.shape, -1, dtype=torch.long, device=hidden.device)
+        self.index[rows] = torch.arange(rows[0].numel(), device=hidden.device)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            self.lp = F.log_softmax(hidden[rows].float() @ vocab.weight.T, dim=-1)
+
+    def at(self, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.lp[self.index[b, t]]
 
 
 def kl(target_lp: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
@@ -169,30 +210,38 @@ def _sample_rows(ok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows
 
 
-def medusa_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool) -> StepOut:
-    h, ids = batch.hidden, batch.ids
+def _hits(lp: torch.Tensor, vocab: DraftVocab, greedy: torch.Tensor) -> int:
+    """Rows whose top-1 draft token is the target's own argmax (a target argmax outside the draft vocabulary is a
+    miss: the head can never propose it)."""
+    return int((lp.argmax(-1) == vocab.draft_ids(greedy)).sum())
+
+
+def medusa_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool) -> StepOut:
+    """Head i at position t predicts token t+i+2, i.e. the target's next token after position t+i+1."""
+    h = batch.hidden
     H = head.cfg.num_heads
-    labels = label_logprobs(head.lm_head, h, shifted(batch.loss_mask, 1))
-    nxt = to_draft[ids]
     w = [shifted(batch.loss_mask, i + 2) for i in range(H)]
+    labels = Labels(vocab, h, shifted(batch.loss_mask, 1))
+    rows = torch.stack(w).any(0).nonzero(as_tuple=True)
     loss, parts, acc = h.new_zeros(()), {}, []
+    feats = head.features(h[rows][None])[0]  # (N, H, d): every head once, on the rows some head needs
     for i in range(H):
-        rows = w[i].nonzero(as_tuple=True)
-        if rows[0].numel() == 0:
+        keep = w[i][rows]
+        if not bool(keep.any()):
             acc.append((0, 0))
             continue
-        feats = head.features(h[rows][None])[0, :, i]
-        lp = F.log_softmax(head.lm_head(feats).float(), dim=-1)
-        part = kl(labels[rows[0], rows[1] + i + 1], lp)
+        b, t = rows[0][keep], rows[1][keep]
+        lp = F.log_softmax(head.lm_head(feats[keep, i]).float(), dim=-1)
+        part = kl(labels.at(b, t + i + 1), lp)
         loss = loss + cfg.decay ** i * part
         parts[f"kl{i + 1}"] = float(part.detach())
-        acc.append((int((lp.argmax(-1) == nxt[rows[0], rows[1] + i + 2]).sum()), rows[0].numel()))
+        acc.append((_hits(lp, vocab, batch.greedy[b, t + i + 1]), b.numel()))
     out = StepOut(loss, parts, acc)
     if want_drafts:
         b, t = _sample_rows(torch.stack(w).all(0), cfg.adv.contexts)
         if b.numel():
             fake_lp = F.log_softmax(head.lm_head(head.features(h[b, t][None])[0]).float(), dim=-1)
-            real_lp = torch.stack([labels[b, t + i + 1] for i in range(H)], dim=1)
+            real_lp = torch.stack([labels.at(b, t + i + 1) for i in range(H)], dim=1)
             out.real, out.fake = Draft(h[b, t], real_lp), Draft(h[b, t], fake_lp)
     return out
 
@@ -206,20 +255,21 @@ def unroll_mask(step: int, length: int, device) -> torch.Tensor:
     return torch.cat(blocks, dim=1)[None, None]
 
 
-def eagle_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool,
+def eagle_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool,
                train: bool = True) -> StepOut:
+    """Position t maps (feature t, token t+1) to feature t+1, whose logits predict token t+2: the target's next
+    token after t+1. Unroll step s reads the head's own features from step s-1."""
     from transformers import DynamicCache
 
     h, ids = batch.hidden, batch.ids
     B, T, d = h.shape
-    labels = label_logprobs(head.lm_head, h, shifted(batch.loss_mask, 1))
+    labels = Labels(vocab, h, shifted(batch.loss_mask, 1))
     nxt_ids = torch.zeros_like(ids)
     nxt_ids[:, :-1] = ids[:, 1:]
     pos = torch.arange(T, device=h.device).expand(B, T)
-    w = shifted(batch.loss_mask, 2)  # position t predicts token t+2 (through feature t+1)
+    w = shifted(batch.loss_mask, 2)
     x = h + (torch.rand_like(h) * 2 - 1) * cfg.noise if train and cfg.noise > 0 else h
     cache = DynamicCache() if cfg.unroll > 0 else None
-    target_next = to_draft[ids]
     loss, parts, acc, preds, weights = h.new_zeros(()), {}, [], [], []
     for s in range(cfg.unroll + 1):
         if s > 0:
@@ -236,10 +286,10 @@ def eagle_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, wan
             continue
         reg = F.smooth_l1_loss(g[rows], h[rows[0], rows[1] + 1])
         lp = F.log_softmax(head.logits(g[rows].to(head.fc.weight.dtype)).float(), dim=-1)
-        dist = kl(labels[rows[0], rows[1] + 1], lp)
+        dist = kl(labels.at(rows[0], rows[1] + 1), lp)
         loss = loss + cfg.decay ** s * (reg + cfg.ce_weight * dist)
         parts[f"reg{s + 1}"], parts[f"kl{s + 1}"] = float(reg.detach()), float(dist.detach())
-        acc.append((int((lp.argmax(-1) == target_next[rows[0], rows[1] + 2]).sum()), rows[0].numel()))
+        acc.append((_hits(lp, vocab, batch.greedy[rows[0], rows[1] + 1]), rows[0].numel()))
     out = StepOut(loss, parts, acc)
     if want_drafts:
         S = cfg.unroll + 1
@@ -248,7 +298,7 @@ def eagle_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, wan
         if b.numel():
             fake_f = torch.stack([preds[s][b, t + s] for s in range(S)], dim=1)
             fake_lp = F.log_softmax(head.logits(fake_f.to(head.fc.weight.dtype)).float(), dim=-1)
-            real_lp = torch.stack([labels[b, t + s + 1] for s in range(S)], dim=1)
+            real_lp = torch.stack([labels.at(b, t + s + 1) for s in range(S)], dim=1)
             real_f = torch.stack([h[b, t + s + 1] for s in range(S)], dim=1)
             use = cfg.adv.use_features
             out.real = Draft(h[b, t], real_lp, real_f if use else None)
@@ -256,11 +306,11 @@ def eagle_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, wan
     return out
 
 
-def head_step(head, batch: Batch, to_draft: torch.Tensor, cfg: TrainConfig, want_drafts: bool = False,
+def head_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool = False,
               train: bool = True) -> StepOut:
     if cfg.head == "medusa":
-        return medusa_step(head, batch, to_draft, cfg, want_drafts)
-    return eagle_step(head, batch, to_draft, cfg, want_drafts, train)
+        return medusa_step(head, batch, vocab, cfg, want_drafts)
+    return eagle_step(head, batch, vocab, cfg, want_drafts, train)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoint
@@ -334,16 +384,22 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def choose_draft_vocab(source, indices: list[int], size: int, vocab: int, keep: set[int]) -> list[int]:
-    """The `size` most frequent assistant tokens of the training split (plus EOS ids)."""
-    from koala.heads import draft_vocab_from_counts
-
+def greedy_counts(source, indices: list[int], vocab: int) -> torch.Tensor:
+    """How often each token is the target's own argmax at a supervised position of these sequences (on
+    teacher-forced text too, so the count reflects what the target says, not what the data says)."""
     counts = torch.zeros(vocab, dtype=torch.float64)
     for i in indices:
-        ids, mask = source.tokens(i)
-        ids = torch.from_numpy(np.array(ids, dtype=np.int64))
-        counts += torch.bincount(ids[torch.from_numpy(np.array(mask, dtype=bool))], minlength=vocab).double()
-    return draft_vocab_from_counts(counts, size, keep=keep)
+        greedy = np.asarray(source.tokens(i)[2], dtype=np.int64)
+        counts += torch.bincount(torch.from_numpy(greedy[greedy >= 0]), minlength=vocab).double()
+    return counts
+
+
+def coverage(counts: torch.Tensor, draft_vocab: list[int] | None) -> float:
+    """Share of the target's argmax tokens (by `counts`) inside the draft vocabulary: a ceiling on acc@1."""
+    total = float(counts.sum())
+    if draft_vocab is None or total == 0:
+        return 1.0
+    return float(counts[torch.tensor(draft_vocab)].sum()) / total
 
 
 def _backward_or_poison(loss: torch.Tensor, params: list) -> None:
@@ -372,13 +428,14 @@ def _sync_grads(accelerator, params) -> None:
         off += g.numel()
 
 
-def evaluate(head, source, batches: list[list[int]], to_draft, cfg: TrainConfig, device) -> dict:
-    """Held-out supervised loss parts and acc@k (no noise, no adversarial term)."""
+def evaluate(head, source, batches: list[list], vocab: DraftVocab, cfg: TrainConfig, device) -> dict:
+    """Held-out supervised loss parts and acc@k: top-1 agreement with the target's own argmax (no noise, no
+    adversarial term)."""
     head.eval()
     tot, parts, acc = 0.0, {}, [[0, 0] for _ in range(cfg.depth)]
     with torch.no_grad():
         for idx in batches:
-            out = head_step(head, crop(source.batch(idx), cfg.max_seq_len).to(device), to_draft, cfg, train=False)
+            out = head_step(head, source.batch(idx).to(device), vocab, cfg, train=False)
             tot += float(out.loss)
             for k, v in out.parts.items():
                 parts[k] = parts.get(k, 0.0) + v / len(batches)
@@ -396,9 +453,12 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = False, device: str | None = None,
-          stop_at: int | None = None, progress: bool = True, command: str = "", accelerator=None) -> dict:
+          stop_at: int | None = None, progress: bool = True, command: str = "", accelerator=None,
+          eval_source=None) -> dict:
     """Train a head on `source` (HiddenCache or OnlineSource) into `out`.
 
+    Held-out evaluation uses `eval_source` when given (e.g. the target's answers to benchmark-style prompts),
+    else a fixed split of `source`.
     Returns the manifest written to out/manifest.json plus the live "head" and "discriminator" modules (other
     processes of a multi-process run get only those and "steps").
     stop_at: end after that many steps *without* a final save, exactly like a kill (used by tests).
@@ -427,24 +487,29 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         print(f"koala train: no checkpoint in {out} yet; starting a new run.", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every process
-    train_idx, eval_idx = split_indices(len(source), cfg.eval_sequences)
+    if eval_source is None:
+        train_idx, eval_idx = split_indices(len(source), cfg.eval_sequences)
+        eval_source = source
+    else:
+        train_idx = list(range(len(source)))
+        eval_idx = split_indices(len(eval_source), cfg.eval_sequences)[1] if len(eval_source) > cfg.eval_sequences \
+            else list(range(len(eval_source)))
+    vocab_size = int(target.config.vocab_size)
     if resuming:
         draft_vocab = saved["draft_vocab"]
     elif cfg.draft_vocab:
-        draft_vocab = choose_draft_vocab(source, train_idx, cfg.draft_vocab, int(target.config.vocab_size),
-                                         set(target.eos_ids))
+        from koala.heads import draft_vocab_from_counts
+
+        counts = greedy_counts(source, train_idx, vocab_size)
+        draft_vocab = draft_vocab_from_counts(counts, cfg.draft_vocab, keep=set(target.eos_ids))
     else:
         draft_vocab = None
+    eval_coverage = coverage(greedy_counts(eval_source, eval_idx, vocab_size), draft_vocab)
     hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab)
     head = build_head(hcfg, target).to(device).float().train()
     params = [p for p in head.parameters() if p.requires_grad]
     opt_h = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    vocab = int(target.config.vocab_size)
-    to_draft = torch.full((vocab,), -1, dtype=torch.long, device=device)
-    if draft_vocab is None:
-        to_draft = torch.arange(vocab, device=device)
-    else:
-        to_draft[torch.tensor(draft_vocab, device=device)] = torch.arange(len(draft_vocab), device=device)
+    vocab = DraftVocab.build(target, draft_vocab, device)
 
     disc = opt_d = None
     if cfg.adversarial:
@@ -454,12 +519,15 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.adv.d_lr, betas=(0.5, 0.999))
 
     torch.manual_seed(cfg.seed + rank)  # then per-process noise and context sampling
-    state = {"step": 0, "lam_scale": 1.0, "blowups": 0, "skipped": 0, "seconds": 0.0, "tokens": 0}
+    state = {"step": 0, "lam_scale": 1.0, "blowups": 0, "skipped": 0, "empty": 0, "seconds": 0.0, "tokens": 0,
+             "planned": False}
     if resuming:
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved[k] for k in state if k in saved})
         load_checkpoint(out, head, disc, opt_h, opt_d)
-    stream = BatchStream(source, train_idx, cfg.batch_size, cfg.seed, rank, world)
-    eval_batches = [eval_idx[i:i + cfg.batch_size] for i in range(0, len(eval_idx), cfg.batch_size)]
+    stream = BatchStream(windows(source, train_idx, cfg.max_seq_len, cfg.depth + 1), cfg.batch_size, cfg.seed,
+                         rank, world)
+    eval_items = windows(eval_source, eval_idx, cfg.max_seq_len, cfg.depth + 1)
+    eval_batches = [eval_items[i:i + cfg.batch_size] for i in range(0, len(eval_items), cfg.batch_size)]
     metrics = out / "metrics.jsonl"
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda or cfg.bf16)
@@ -488,12 +556,12 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         if cfg.max_minutes and (time.perf_counter() - t0) / 60 >= cfg.max_minutes:
             ended_early = True
             break
-        batch = crop(source.batch(stream.indices_at(step)), cfg.max_seq_len).to(device)
+        batch = source.batch(stream.indices_at(step)).to(device)
         for group in opt_h.param_groups:
             group["lr"] = lr_at(cfg, step)
         lam = cfg.adv.lam(step, state["lam_scale"]) if disc is not None else 0.0
         with autocast:
-            res = head_step(head, batch, to_draft, cfg, want_drafts=disc is not None)
+            res = head_step(head, batch, vocab, cfg, want_drafts=disc is not None)
         row: dict = {}
         loss = res.loss
         if disc is not None:
@@ -514,7 +582,10 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
                 row["g_loss"] = float(lg.detach())
                 loss = res.loss + lam * lg if lam > 0 else res.loss
         opt_h.zero_grad(set_to_none=True)
-        _backward_or_poison(loss, params)
+        if res.loss.requires_grad:
+            _backward_or_poison(loss, params)
+        else:  # no supervised token in this batch (e.g. a window of prompt only): nothing to learn, counted
+            state["empty"] += 1
         _sync_grads(accelerator, params)  # a poisoned (NaN) gradient anywhere makes every process skip
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         ok = bool(torch.isfinite(norm))
@@ -536,6 +607,16 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         tokens_window += ntok
         state["step"] = step + 1
         state["seconds"] = seconds0 + time.perf_counter() - t0
+        if cfg.max_minutes and not state["planned"] and state["step"] >= PLAN_AFTER:
+            # fit the schedule to the time budget once, from measured throughput, so the cosine anneals before
+            # the deadline; the plan is checkpointed, so a resumed run follows the same schedule
+            per_step = state["seconds"] / state["step"]
+            cfg.max_steps = min(cfg.max_steps, max(state["step"] + 1, int(cfg.max_minutes * 60 / per_step)))
+            state["planned"] = True
+            bar.total = cfg.max_steps
+            if main:
+                _append_jsonl(metrics, {"step": state["step"], "event": "planned steps from throughput",
+                                        "max_steps": cfg.max_steps, "s_per_step": round(per_step, 3)})
         accs = [c / n if n else 0.0 for c, n in res.acc]
         if main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
             now = time.perf_counter()
@@ -549,7 +630,7 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
                             refresh=False)
         bar.update(1)
         if eval_batches and main and (state["step"] % cfg.eval_every == 0):
-            last_eval, eval_step = evaluate(head, source, eval_batches, to_draft, cfg, device), state["step"]
+            last_eval, eval_step = evaluate(head, eval_source, eval_batches, vocab, cfg, device), state["step"]
             _append_jsonl(metrics, {"step": state["step"], "split": "eval", **last_eval})
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
             checkpoint()
@@ -559,17 +640,21 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     if not main:
         return {"steps": state["step"], "head": head, "discriminator": disc}
     if eval_batches and eval_step != state["step"]:
-        last_eval = evaluate(head, source, eval_batches, to_draft, cfg, device)
+        last_eval = evaluate(head, eval_source, eval_batches, vocab, cfg, device)
         _append_jsonl(metrics, {"step": state["step"], "split": "eval", **last_eval})
     acc = [last_eval.get(f"acc@{i + 1}", 0.0) for i in range(cfg.depth)]
-    head_dir = save_head(head, out / "head", extra={"acceptance": acc, "train_steps": state["step"]})
+    head_dir = save_head(head, out / "head", extra={"acceptance": acc, "train_steps": state["step"],
+                                                        "draft_vocab_coverage": round(eval_coverage, 4)})
     manifest = {
         "command": command, "config": asdict(cfg), "head_dir": str(head_dir),
         "head_bytes": sum(f.stat().st_size for f in head_dir.iterdir()),
         "data": {"sequences": len(source), "train_sequences": len(train_idx), "eval_sequences": len(eval_idx),
-                 "source": str(source.path) if isinstance(source, HiddenCache) else "online"},
+                 "source": [str(p) for p in source.paths] if isinstance(source, HiddenCache) else "online",
+                 "eval_source": "split of source" if eval_source is source else [str(p) for p in eval_source.paths],
+                 "draft_vocab_coverage_eval": round(eval_coverage, 4)},
         "steps": state["step"], "ended_early": ended_early, "tokens_seen": state["tokens"],
         "train_seconds": round(state["seconds"], 1), "skipped_steps": state["skipped"],
+        "empty_batches": state["empty"],
         "lambda_scale": state["lam_scale"], "final_eval": last_eval,
         "draft_vocab_size": len(draft_vocab) if draft_vocab else None, "processes": world,
     }
@@ -616,21 +701,21 @@ def plot_metrics(metrics: Path, png: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- CLI
 
-def source_from_path(target, data: str, max_length: int):
-    """A cache directory, or a distilled JSONL (then the target runs in the loop: online mode)."""
+def source_from_paths(target, data: list[str], max_length: int):
+    """Cache directories (read as one), or one distilled JSONL (then the target runs in the loop: online mode)."""
     from koala.heads.config import target_identity
     from koala.hidden_cache import TokenStats, tokenize_file
 
-    path = Path(data)
-    if path.is_dir():
-        cache = HiddenCache(path)
-        mine = target_identity(target)
-        if cache.target.get("lm_head_sha256") != mine["lm_head_sha256"]:
-            raise ValueError(f"The cache {path} was built from another target ({cache.manifest.get('target_name')}); "
-                             f"pass the same --target or rebuild the cache.")
+    paths = [Path(d) for d in data]
+    if all(p.is_dir() for p in paths):
+        cache = HiddenCache(paths)
+        if cache.target.get("lm_head_sha256") != target_identity(target)["lm_head_sha256"]:
+            raise ValueError(f"The cache {paths[0]} was built from another target "
+                             f"({cache.manifest.get('target_name')}); pass the same --target or rebuild the cache.")
         return cache
-    stats = TokenStats()
-    return OnlineSource(target, tokenize_file(target, path, max_length, stats))
+    if len(paths) > 1:
+        raise ValueError("Several --data paths must all be cache directories (`koala distill` / `koala cache`).")
+    return OnlineSource(target, tokenize_file(target, paths[0], max_length, TokenStats()))
 
 
 def config_from_args(args) -> TrainConfig:
@@ -653,9 +738,10 @@ def _run(args) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = str(accelerator.device) if accelerator.num_processes > 1 else args.device
     target = target_from_args(args)
-    source = source_from_path(target, args.data, args.max_seq_len)
+    source = source_from_paths(target, args.data, args.max_seq_len)
+    held_out = source_from_paths(target, args.eval_data, args.max_seq_len) if args.eval_data else None
     manifest = train(target, source, args.out, config_from_args(args), resume=args.resume, device=device,
-                     command=" ".join(sys.argv), accelerator=accelerator)
+                     command=" ".join(sys.argv), accelerator=accelerator, eval_source=held_out)
     if "head_dir" in manifest:
         print(json.dumps({k: manifest[k] for k in ("head_dir", "head_bytes", "steps", "train_seconds",
                                                    "final_eval", "skipped_steps")}, indent=1))
@@ -668,7 +754,11 @@ def add_command(sub) -> None:
     p = sub.add_parser("train", help="train a Medusa/EAGLE draft head (optionally KOALA adversarial)")
     p.add_argument("--head", choices=["medusa", "eagle"], required=True)
     p.add_argument("--layers", type=int, default=1, help="K: residual blocks per Medusa head / EAGLE decoder layers")
-    p.add_argument("--data", required=True, help="a `koala cache` directory, or distilled JSONL (online mode)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="cache directories (`koala distill` / `koala cache`), or one distilled JSONL (online mode)")
+    p.add_argument("--eval-data", nargs="+", default=None,
+                   help="held-out cache(s) for acc@k, e.g. the target's answers to benchmark-style prompts "
+                        "(default: a fixed split of --data)")
     p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics, head/, manifest.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--num-heads", type=int, default=4, help="Medusa heads")
