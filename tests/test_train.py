@@ -103,3 +103,115 @@ def test_resume_after_kill_is_exact(llama_target, tmp_path, head, adversarial):
 def test_split_is_fixed_and_disjoint():
     tr, ev = split_indices(100, 8)
     assert len(ev) == 8 and not set(tr) & set(ev) and split_indices(100, 8) == (tr, ev)
+
+
+def _teacher_forced_cache(target, tmp_path, n=8, prompt=6, reply=20, seed=0):
+    """A cache over text the target did NOT write (random replies): its argmax often differs from the data."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        words = lambda k: " ".join(f"w{int(t)}" for t in torch.randint(2, 100, (k,), generator=g))
+        rows.append(json.dumps({"id": str(i), "conversations": [{"from": "human", "value": words(prompt)},
+                                                                {"from": "gpt", "value": words(reply)}]}))
+    (tmp_path / "tf.jsonl").write_text("\n".join(rows) + "\n")
+    build_cache(target, tmp_path / "tf.jsonl", tmp_path / "tf", max_length=64, progress=False)
+    return HiddenCache(tmp_path / "tf")
+
+
+def test_acc_counts_agreement_with_the_target_argmax_not_the_data(llama_target, tmp_path):
+    """Medusa head 0 starts as the identity, so it proposes the target's own argmax at t for token t+2... which is
+    exactly what the target would say after t+1 only if t+1 is the target's token. On teacher-forced data the
+    stored greedy token, not the data token, must be the reference."""
+    from koala.heads import HeadConfig
+    from koala.heads.checkpoint import build_head
+
+    cache = _teacher_forced_cache(llama_target, tmp_path)
+    batch = cache.batch(list(range(len(cache))))
+    # make the data token at t+1 the target's argmax after t, and the stored greedy at t+1 its argmax after t
+    # too (a target that repeats itself): then head 0 (= argmax at t) is right by the greedy reference only
+    head = build_head(HeadConfig.for_target(llama_target, "medusa", 1, num_heads=1), llama_target)
+    cfg = small_cfg("medusa", layers=1, num_heads=1)
+    argmax_at = llama_target.lm_head(batch.hidden).argmax(-1)
+    batch.greedy = torch.where(batch.greedy >= 0, argmax_at, batch.greedy)  # what build_cache stores
+    vocab = DraftVocab.build(llama_target, None, "cpu")
+    out = head_step(head, batch, vocab, cfg, train=False)
+    hits, n = out.acc[0]
+    # reference: head 0's own argmax at t vs the target's argmax at t+1
+    w = torch.zeros_like(batch.loss_mask)
+    w[:, :-2] = batch.loss_mask[:, 2:]
+    b, t = w.nonzero(as_tuple=True)
+    assert n == b.numel() and hits == int((argmax_at[b, t] == argmax_at[b, t + 1]).sum())
+    assert hits != int((argmax_at[b, t] == batch.ids[b, t + 2]).sum())  # the data-token count differs here
+
+
+def test_build_cache_stores_the_target_argmax(llama_target, tmp_path):
+    cache = _teacher_forced_cache(llama_target, tmp_path)
+    b = cache.batch([0, 1])
+    ref = llama_target.lm_head(b.hidden).argmax(-1)
+    need = torch.zeros_like(b.loss_mask)
+    need[:, :-1] = b.loss_mask[:, 1:]
+    assert torch.equal(b.greedy[need], ref[need]) and bool((b.greedy[~need] == -1).all())
+    assert not torch.equal(b.greedy[need], b.ids[:, 1:][need[:, :-1]])  # random text: argmax != data
+
+
+def test_draft_vocab_comes_from_the_target_argmax_and_reports_coverage(llama_target, tmp_path):
+    from koala.train import coverage, greedy_counts
+
+    cache = _teacher_forced_cache(llama_target, tmp_path)
+    counts = greedy_counts(cache, list(range(len(cache))), llama_target.config.vocab_size)
+    said = {int(t) for i in range(len(cache)) for t in cache.tokens(i)[2] if t >= 0}
+    assert set(counts.nonzero().flatten().tolist()) == said
+    data_tokens = {int(t) for i in range(len(cache)) for t, m in zip(*cache.tokens(i)[:2]) if m}
+    assert said != data_tokens
+    assert coverage(counts, sorted(said)) == 1.0 and coverage(counts, sorted(data_tokens - said)) == 0.0
+    cfg = small_cfg(max_steps=2, draft_vocab=len(said) + 1)
+    manifest = train(llama_target, cache, tmp_path / "run", cfg, progress=False)
+    tr, ev = split_indices(len(cache), cfg.eval_sequences)
+    chosen = load_head(manifest["head_dir"], llama_target).cfg.draft_vocab
+    assert set(greedy_counts(cache, tr, 128).nonzero().flatten().tolist()) <= set(chosen)
+    assert manifest["data"]["draft_vocab_coverage_eval"] == round(coverage(greedy_counts(cache, ev, 128), chosen), 4)
+
+
+def test_windows_train_every_cached_token():
+    class Src:
+        def length(self, i):
+            return [1000, 30, 513][i]
+
+    items = windows(Src(), [0, 1, 2], max_len=512, context=4)
+    assert all(b - a <= 512 for _, a, b in items)
+    for i, n in enumerate([1000, 30, 513]):
+        mine = [(a, b) for j, a, b in items if j == i]
+        assert mine[0][0] == 0 and mine[-1][1] == n
+        for t in range(n - 4):  # every position with its next 4 tokens lies inside one window
+            assert any(a <= t and t + 4 < b for a, b in mine), (i, t)
+
+
+def test_labels_are_fp32_under_bf16_autocast(llama_target):
+    from koala.train import Labels
+
+    vocab = DraftVocab.build(llama_target, None, "cpu")
+    h = torch.randn(2, 5, llama_target.config.hidden_size)
+    need = torch.ones(2, 5, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lab = Labels(vocab, h, need)
+    ref = torch.log_softmax(h.reshape(10, -1) @ llama_target.lm_head.weight.float().T, -1)
+    assert lab.lp.dtype == torch.float32 and torch.allclose(lab.lp, ref, atol=1e-5)
+
+
+def test_max_minutes_fits_the_schedule_and_anneals(llama_target, tmp_path):
+    source = online(llama_target, distilled(tmp_path, llama_target, n=8))
+    cfg = small_cfg(max_steps=100_000, max_minutes=0.05, eval_every=10_000, log_every=1)
+    manifest = train(llama_target, source, tmp_path / "run", cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    plan = [r for r in rows if r.get("event") == "planned steps from throughput"]
+    assert len(plan) == 1 and manifest["steps"] == plan[0]["max_steps"] < 100_000
+    last = [r for r in rows if r.get("split") == "train"][-1]
+    assert last["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)  # annealed, not cut mid-schedule
+
+
+def test_batches_with_nothing_to_learn_are_skipped_and_counted(llama_target, tmp_path):
+    cache = _teacher_forced_cache(llama_target, tmp_path, n=4, prompt=40, reply=3)
+    for head in ("eagle", "medusa"):
+        manifest = train(llama_target, cache, tmp_path / head, small_cfg(head, max_steps=12, batch_size=1,
+                                                                          max_seq_len=8), progress=False)
+        assert manifest["steps"] == 12 and manifest["empty_batches"] > 0
