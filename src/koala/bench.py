@@ -26,7 +26,13 @@ from koala.target import Target
 
 BASELINE = "vanilla"
 BUILTIN = ("vanilla", "hf-generate", "hf-prompt-lookup", "pld")
-HEAD_OPTIONS = {"tree": str, "depth": int, "top_k": int, "total_tokens": str}
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError(text)
+    return text == "on"
+
+
+HEAD_OPTIONS = {"tree": str, "depth": int, "top_k": int, "total_tokens": str, "gate": _on_off}
 PLD_OPTIONS = {"max_ngram": int, "num_tokens": int, "min_ngram": int}
 HF_PLD_OPTIONS = {"num_tokens": int, "max_ngram": int}
 
@@ -71,7 +77,7 @@ def _parse_options(text: str, allowed: dict[str, type], what: str) -> dict:
 
 def parse_method(text: str) -> MethodSpec:
     """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-prompt-lookup, pld) or a head
-    directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens;
+    directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens, gate=on|off;
     pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram)."""
     name, sep, spec = text.partition("=")
     if not sep or ":" in name or "/" in name:  # no NAME given: the spec names itself
@@ -149,7 +155,7 @@ def build_runner(spec: MethodSpec, target: Target) -> Runner:
     from koala.drafters.factory import drafter_for_head
 
     drafter = drafter_for_head(spec.path, target, tree=o.get("tree"), depth=o.get("depth"), top_k=o.get("top_k"),
-                               total_tokens=o.get("total_tokens", "auto"))
+                               total_tokens=o.get("total_tokens", "auto"), gate=o.get("gate", True))
     return _koala_runner(target, drafter)
 
 

@@ -51,6 +51,8 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=int, default=None)
     g.add_argument("--top-k-draft", dest="draft_top_k", type=int, default=None, help="children per node")
     g.add_argument("--total-tokens", default="auto", help="tree size to verify, or 'auto' (hardware-aware)")
+    g.add_argument("--no-gate", dest="gate", action="store_false",
+                   help="draft every step, even where measured drafting is slower than plain decoding")
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
@@ -65,7 +67,7 @@ def drafter_from_args(args: argparse.Namespace, target):
         from koala.drafters.factory import drafter_for_head
 
         return drafter_for_head(args.head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                                total_tokens=args.total_tokens)
+                                total_tokens=args.total_tokens, gate=args.gate)
     if args.drafter == "pld":
         return PromptLookupDrafter()
     return Drafter()

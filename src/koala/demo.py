@@ -128,7 +128,7 @@ def pick_drafter(args: argparse.Namespace, target: Target) -> tuple[Drafter, str
               "Train one with `koala train` or pass --head DIR.", file=sys.stderr)
         return PromptLookupDrafter(), "pld"
     drafter = drafter_for_head(head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                               total_tokens=args.total_tokens)
+                               total_tokens=args.total_tokens, gate=args.gate)
     return drafter, "koala"
 
 

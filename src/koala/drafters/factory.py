@@ -5,6 +5,7 @@ from pathlib import Path
 
 from koala.drafters.base import Drafter
 from koala.drafters.eagle import EagleDrafter
+from koala.drafters.gate import GatedDrafter
 from koala.drafters.medusa import MedusaDrafter
 from koala.drafters.trees import DEFAULT_ACCEPTANCE
 from koala.heads.checkpoint import load_head
@@ -30,8 +31,10 @@ def _max_nodes(tree: str, depth: int, top_k: int) -> int:
 
 
 def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: int | None = None,
-                     top_k: int | None = None, total_tokens: int | str | None = "auto") -> Drafter:
+                     top_k: int | None = None, total_tokens: int | str | None = "auto", gate: bool = True) -> Drafter:
     """A Medusa or EAGLE drafter for the head saved in `path`; None arguments take the head type's defaults.
+
+    gate=True wraps it in GatedDrafter: it drafts only while measured drafting throughput beats plain decoding.
 
     total_tokens "auto" (or None) times the target on this device and picks the tree size with the best expected
     throughput (see koala.tree_size); it is ignored for chains, whose size is the depth.
@@ -62,4 +65,5 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
         if size < 1:
             raise ValueError(f"--total-tokens must be >= 1, got {size}.")
     cls = MedusaDrafter if kind == "medusa" else EagleDrafter
-    return cls(head, tree=tree, depth=depth, top_k=top_k, total_tokens=size, acceptance=acceptance)
+    drafter = cls(head, tree=tree, depth=depth, top_k=top_k, total_tokens=size, acceptance=acceptance)
+    return GatedDrafter(drafter) if gate else drafter
