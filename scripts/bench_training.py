@@ -22,14 +22,15 @@ from koala.target import load_target
 from koala.train import BatchStream, TrainConfig, split_indices, train, windows
 
 
-def bench_train(target, cache, spec: str, steps: int, batch: int, draft_vocab: int, seq_len: int) -> dict:
+def bench_train(target, cache, spec: str, steps: int, batch: int, draft_vocab: int, seq_len: int,
+                bf16: bool) -> dict:
     parts = spec.split(":")
     head, layers, flags = parts[0], int(parts[1]), set(parts[2:])
     unroll = next((int(f[1:]) for f in flags if f.startswith("u")), 2)
     cfg = TrainConfig(head=head, layers=layers, adversarial="adv" in flags, adv=AdvConfig(start=0, warmup=1),
                       draft_vocab=None if "full" in flags else draft_vocab, max_steps=steps, batch_size=batch,
                       max_seq_len=seq_len, eval_sequences=0, eval_every=10**9, log_every=10**9, save_every=10**9,
-                      unroll=unroll)
+                      unroll=unroll, bf16=bf16)
     # tokens of the steps after the first, from the same deterministic batch stream train() uses
     train_idx, _ = split_indices(len(cache), 0)
     stream = BatchStream(windows(cache, train_idx, seq_len, cfg.depth + 1), batch, cfg.seed)
@@ -54,7 +55,7 @@ def bench_train(target, cache, spec: str, steps: int, batch: int, draft_vocab: i
             cache.batch = orig
         total = time.perf_counter() - t0
     timed = max(manifest["train_seconds"] - (first["t1"] - first["t"]), 1e-9)
-    return {"config": spec, "draft_vocab": cfg.draft_vocab, "steps": steps, "batch": batch,
+    return {"config": spec, "bf16": bf16, "draft_vocab": cfg.draft_vocab, "steps": steps, "batch": batch,
             "tokens_per_s": round(tokens / timed, 1), "s_per_step": round(timed / (steps - 1), 2),
             "head_MB_fp16": round(manifest["head_bytes"] / 1e6, 2), "wall_s": round(total, 1)}
 
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--cache", help="a cache directory from `koala distill` / `koala cache` (training benchmarks)")
     p.add_argument("--configs", nargs="*", default=["medusa:1", "medusa:2:adv", "eagle:1", "eagle:2:adv"])
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--fp32", dest="bf16", action="store_false", help="train without bf16 autocast")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--draft-vocab", type=int, default=8192)
@@ -98,7 +100,7 @@ def main() -> None:
         cache = HiddenCache(args.cache)
         for spec in args.configs:
             print(json.dumps(bench_train(target, cache, spec, args.steps, args.batch_size, args.draft_vocab,
-                                         args.max_seq_len)), flush=True)
+                                         args.max_seq_len, args.bf16)), flush=True)
     if args.distill_batches:
         bench_distill(target, args.distill_data, [int(b) for b in args.distill_batches.split(",")],
                       args.distill_conversations, args.distill_new_tokens)

@@ -195,7 +195,13 @@ def test_labels_are_fp32_under_bf16_autocast(llama_target):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lab = Labels(vocab, h, need)
     ref = torch.log_softmax(h.reshape(10, -1) @ llama_target.lm_head.weight.float().T, -1)
-    assert lab.lp.dtype == torch.float32 and torch.allclose(lab.lp, ref, atol=1e-5)
+    assert lab.p.dtype == torch.float32 and torch.allclose(lab.p, ref.exp(), atol=1e-6)
+    # the reported KL is the exact KL(target || q); the trained soft cross-entropy differs by the entropy only
+    q = torch.log_softmax(torch.randn(10, ref.shape[1]), -1)
+    b, t = need.nonzero(as_tuple=True)
+    ce, kl = lab.loss(b, t, q)
+    assert kl == pytest.approx(float((ref.exp() * (ref - q)).sum(-1).mean()), rel=1e-4)
+    assert float(ce) == pytest.approx(kl + float(-(ref.exp() * ref).sum(-1).mean()), rel=1e-4)
 
 
 def test_max_minutes_fits_the_schedule_and_anneals(llama_target, tmp_path):
