@@ -73,3 +73,36 @@ def test_weights_of_another_head_are_rejected(llama_target, tmp_path):
     (b / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="Unknown head config fields"):
         load_head(b, llama_target)
+
+
+def test_config_disagreeing_with_weights_fails_before_allocating(llama_target, tmp_path):
+    """A config claiming 100,000 layers is refused from the weight file's header, before any parameter exists."""
+    import json
+
+    from koala.heads import HeadConfig, load_head, save_head
+    from koala.heads.checkpoint import build_head
+
+    for kind, key in (("eagle", "layers"), ("medusa", "num_heads")):
+        d = save_head(build_head(HeadConfig.for_target(llama_target, kind, 1, num_heads=2), llama_target),
+                      tmp_path / kind)
+        meta = json.loads((d / "config.json").read_text())
+        meta["config"][key] = 100_000
+        (d / "config.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="corrupt or from different heads"):
+            load_head(d, llama_target)
+
+
+def test_non_finite_weights_are_refused(llama_target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from koala.heads import HeadConfig, load_head, save_head
+    from koala.heads.checkpoint import build_head
+
+    d = save_head(build_head(HeadConfig.for_target(llama_target, "medusa", 1, num_heads=2), llama_target),
+                  tmp_path / "h")
+    tensors = load_file(str(d / "model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first][0] = float("nan")
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "koala-head/1"})
+    with pytest.raises(ValueError, match="non-finite"):
+        load_head(d, llama_target)

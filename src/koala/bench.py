@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from koala.acceptance import Sampling
+from koala.args import non_negative_float, non_negative_int, positive_int, probability
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target
@@ -375,17 +376,17 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("bench", help="Spec-Bench-style speed benchmark of decoding methods vs vanilla decoding")
     p.add_argument("--questions", required=True, help="MT-bench-form JSONL file (question_id, category, turns)")
-    p.add_argument("--limit-per-category", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--limit-per-category", type=positive_int, default=None, help="first N questions of each category")
     p.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
                    help="repeatable; SPEC = vanilla | hf-generate | hf-prompt-lookup | pld | HEAD_DIR, optionally "
                         "':key=value,...' (heads: tree,depth,top_k,total_tokens). vanilla always runs.")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact-match is reported)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--runs", type=int, default=1, help="timed runs per question and method (median is kept)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (exact-match is reported)")
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--runs", type=positive_int, default=1, help="timed runs per question and method (median is kept)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", required=True, help="output directory for results.json, results.md and plots")
     add_target_args(p)
     p.set_defaults(func=_bench)

@@ -10,6 +10,7 @@ import json
 import sys
 
 from koala.acceptance import Sampling
+from koala.args import non_negative_float, non_negative_int, positive_int, probability
 
 COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train", "koala.chat",
                    "koala.serve", "koala.bench", "koala.demo", "koala.export")
@@ -33,10 +34,10 @@ def target_from_args(args: argparse.Namespace):
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=probability, default=1.0)
+    g.add_argument("--top-k", type=non_negative_int, default=0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--acceptance", choices=["auto", "typical"], default="auto",
                    help="auto: lossless; typical: Medusa's typical acceptance (LOSSY, sampling only)")
@@ -48,8 +49,8 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
                    help="none = vanilla decoding; pld = prompt lookup (n-gram). Default: the --head, else none")
     g.add_argument("--head", default=None, help="a trained draft head directory")
     g.add_argument("--tree", choices=["chain", "static", "dynamic"], default=None)
-    g.add_argument("--depth", type=int, default=None)
-    g.add_argument("--top-k-draft", dest="draft_top_k", type=int, default=None, help="children per node")
+    g.add_argument("--depth", type=positive_int, default=None)
+    g.add_argument("--top-k-draft", dest="draft_top_k", type=positive_int, default=None, help="children per node")
     g.add_argument("--total-tokens", default="auto", help="tree size to verify, or 'auto' (hardware-aware)")
     g.add_argument("--no-gate", dest="gate", action="store_false",
                    help="draft every step, even where measured drafting is slower than plain decoding")

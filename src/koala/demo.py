@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from koala.acceptance import Sampling
+from koala.args import positive_int
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target
@@ -154,8 +155,8 @@ def add_command(sub) -> None:
     from koala.cli import add_drafter_args, add_target_args
 
     p = sub.add_parser("demo", help="KOALA vs vanilla decoding side by side on a few built-in prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--prompts", type=positive_int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     p.add_argument("--no-stream", action="store_true", help="only print the table")
     add_target_args(p)
     add_drafter_args(p)

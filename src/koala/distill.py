@@ -354,19 +354,20 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
+    from koala.args import non_negative_float, non_negative_int, positive_int
     from koala.cli import add_target_args
 
     p = sub.add_parser("distill", help="the target answers a chat dataset; text + hidden states kept (resumable)")
     p.add_argument("--data", required=True, help="ShareGPT JSON/JSONL(.gz), MT-bench or Spec-Bench question file")
     p.add_argument("--out", required=True, help="output directory (a hidden-state cache + conversations.jsonl); "
                                                 "records already there are skipped")
-    p.add_argument("--max-conversations", type=int, default=None, help="stop once the output holds this many")
-    p.add_argument("--max-turns", type=int, default=1, help="user turns answered per conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per assistant reply")
-    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped (counted)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--max-conversations", type=positive_int, default=None, help="stop once the output holds this many")
+    p.add_argument("--max-turns", type=positive_int, default=1, help="user turns answered per conversation")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="per assistant reply")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=1024, help="longer prompts are skipped (counted)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="sequences decoded together")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     add_target_args(p)
     p.set_defaults(func=_run)

@@ -399,14 +399,15 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
+    from koala.args import positive_int
     from koala.cli import add_target_args
 
     p = sub.add_parser("cache", help="store the target's hidden states over distilled data for head training")
     p.add_argument("--data", required=True, help="distilled conversations (JSONL from `koala distill`)")
     p.add_argument("--out", required=True, help="new cache directory")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation; longer ones are cut")
-    p.add_argument("--max-sequences", type=int, default=None)
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per target forward pass")
+    p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per conversation; longer ones are cut")
+    p.add_argument("--max-sequences", type=positive_int, default=None)
+    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per target forward pass")
     p.add_argument("--append", action="store_true",
                    help="add the conversations of --data that the existing cache in --out does not hold yet")
     add_target_args(p)

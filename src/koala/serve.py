@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from koala.acceptance import Sampling
+from koala.args import port
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters.base import Drafter
 from koala.target import Target
@@ -158,7 +159,7 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the target's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_target_args(p)

@@ -43,8 +43,8 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
     kind = head.cfg.kind
     defaults = DEFAULTS[kind]
     tree = tree or defaults["tree"]
-    depth = depth or defaults.get("depth") or head.cfg.num_heads
-    top_k = top_k or defaults["top_k"]
+    depth = depth if depth is not None else defaults.get("depth") or head.cfg.num_heads
+    top_k = top_k if top_k is not None else defaults["top_k"]
     if depth < 1 or top_k < 1:
         raise ValueError(f"--depth and --top-k-draft must be >= 1 (got {depth}, {top_k}).")
     if kind == "medusa" and depth > head.cfg.num_heads:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from koala.heads.config import HeadConfig, target_identity
@@ -86,18 +86,47 @@ def check_compatible(cfg: HeadConfig, target, where: str = "the head") -> None:
                              f"trained for.")
 
 
+def _blocks(keys: list[str], kind: str) -> tuple[int, int]:
+    """(layers, heads) that a weight file's tensor names describe: EAGLE `layers.i.*`, Medusa `heads.h.i.*`."""
+    if kind == "eagle":
+        layers = {int(k.split(".")[1]) for k in keys if k.startswith("layers.")}
+        return len(layers), 1
+    pairs = {tuple(int(x) for x in k.split(".")[1:3]) for k in keys if k.startswith("heads.")}
+    return len({i for _, i in pairs}), len({h for h, _ in pairs})
+
+
+def _check_header(file: Path, cfg: HeadConfig) -> None:
+    """Compare the config with the weight file's header before anything is allocated (a config that claims
+    100,000 layers must fail here, not after gigabytes of parameters)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save or re-train the head.") from e
+    layers, heads = _blocks(keys, cfg.kind)
+    if layers != cfg.layers or (cfg.kind == "medusa" and heads != cfg.num_heads):
+        raise ValueError(f"{file} does not match its config ({CONFIG} says layers={cfg.layers}, "
+                         f"num_heads={cfg.num_heads}; the weights hold layers={layers}, heads={heads}); the files "
+                         f"are corrupt or from different heads.")
+
+
 def load_head(path: str | Path, target) -> torch.nn.Module:
-    """Load a head for `target` (a koala Target), in the target's dtype and device, in eval mode."""
+    """Load a head for `target` (a koala Target), in the target's dtype and device, in eval mode. Refuses a
+    config that disagrees with its weight file (checked before allocating) and non-finite weights."""
     path = Path(path)
     cfg, extra = read_config(path)
     check_compatible(cfg, target, where=f"The head in {path}")
     file = path / WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; the head directory is incomplete (re-save the head).")
+    _check_header(file, cfg)
     try:
         tensors = load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save or re-train the head.") from e
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{file} has non-finite weights (NaN or inf) in {bad[:3]}; re-train or re-save the head.")
     head = build_head(cfg, target)
     expected = head.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
