@@ -96,3 +96,17 @@ def test_bench_rejects_reserved_name(saved_tiny_dir, tmp_path, capsys):
     rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--method", "vanilla=pld",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "reserved" in capsys.readouterr().err
+
+
+def test_an_over_long_question_is_skipped_not_fatal(saved_tiny_dir, tmp_path, capsys):
+    long = json.dumps({"question_id": 99, "category": "copy", "turns": [" ".join(["w5"] * 300)]})
+    qfile = write_questions(tmp_path / "q.jsonl", [long])
+    out = tmp_path / "out"
+    rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "8",
+               "--method", "pld", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["settings"]["skipped_questions"]) == ["99"]
+    assert res["methods"]["pld"]["questions"] == 3
+    assert len((out / "partial.jsonl").read_text().splitlines()) == 3  # written question by question
+    assert "skipped question 99" in capsys.readouterr().out

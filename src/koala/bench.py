@@ -236,8 +236,13 @@ class QuestionResult:
 
 def run_bench(target: Target, questions: list[dict], methods: dict[str, Runner], sampling: Sampling,
               max_new_tokens: int, runs: int = 1, seed: int = 0, warmup: int = 1,
-              progress: Iterable | None = None) -> dict[str, list[QuestionResult]]:
-    """Time every method on every question, interleaving methods per question (rotating their order)."""
+              progress: Iterable | None = None, skipped: dict | None = None,
+              on_question: Callable[[dict, dict[str, QuestionResult]], None] | None = None,
+              ) -> dict[str, list[QuestionResult]]:
+    """Time every method on every question, interleaving methods per question (rotating their order).
+
+    A question that any method cannot answer (e.g. longer than the target's context) is left out for every
+    method and recorded in `skipped` (question id -> reason); `on_question` sees each finished question."""
     if runs < 1:
         raise ValueError("--runs must be at least 1.")
     names = list(methods)
@@ -248,16 +253,25 @@ def run_bench(target: Target, questions: list[dict], methods: dict[str, Runner],
     for qi, q in enumerate(progress if progress is not None else questions):
         order = names[qi % len(names):] + names[:qi % len(names)]
         per: dict[str, list[list[Run]]] = defaultdict(list)
-        for _ in range(runs):
-            for name in order:
-                per[name].append(answer(target, methods[name], q["turns"], sampling, max_new_tokens,
-                                        seed + 1000 * qi))
+        try:
+            for _ in range(runs):
+                for name in order:
+                    per[name].append(answer(target, methods[name], q["turns"], sampling, max_new_tokens,
+                                            seed + 1000 * qi))
+        except ValueError as e:  # bad input for the target (too long, empty...): skip it, never the whole run
+            if skipped is not None:
+                skipped[str(q["question_id"])] = str(e)
+            continue
+        done = {}
         for name in names:
             first = per[name][0]
             seconds = statistics.median(sum(r.seconds for r in rs) for rs in per[name])
             forwards = None if any(r.forwards is None for r in first) else sum(r.forwards for r in first)
-            out[name].append(QuestionResult(q["category"], [r.tokens for r in first], seconds, forwards,
-                                            [a for r in first for a in r.accepted_lengths]))
+            done[name] = QuestionResult(q["category"], [r.tokens for r in first], seconds, forwards,
+                                        [a for r in first for a in r.accepted_lengths])
+            out[name].append(done[name])
+        if on_question is not None:
+            on_question(q, done)
     return out
 
 
@@ -326,19 +340,33 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
     specs = [MethodSpec(BASELINE, BASELINE)] + specs
     methods = {s.name: build_runner(s, target) for s in specs}
     bar = tqdm(questions, desc="bench", unit="q", disable=not show_progress)
-    raw = run_bench(target, questions, methods, sampling, max_new_tokens, runs, seed, progress=bar)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "partial.jsonl"  # one line per finished question, so an interrupted run keeps its results
+    partial.write_text("")
+
+    def keep(q: dict, done: dict[str, QuestionResult]) -> None:
+        with open(partial, "a") as f:
+            f.write(json.dumps({"question_id": q["question_id"], "category": q["category"],
+                                "methods": {n: {"tokens": r.tokens, "seconds": r.seconds, "forwards": r.forwards}
+                                            for n, r in done.items()}}) + "\n")
+
+    skipped: dict[str, str] = {}
+    raw = run_bench(target, questions, methods, sampling, max_new_tokens, runs, seed, progress=bar,
+                    skipped=skipped, on_question=keep)
+    if not raw[BASELINE]:
+        raise ValueError(f"No question of {questions_file} could be answered: {skipped}")
     summary = {
         "device": _device_name(target.device), "target": target.name,
         "settings": {"questions_file": str(questions_file), "questions": len(questions),
-                     "malformed_lines": malformed, "limit_per_category": limit_per_category,
+                     "malformed_lines": malformed, "skipped_questions": skipped,
+                     "limit_per_category": limit_per_category,
                      "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
                      "top_p": sampling.top_p, "top_k": sampling.top_k, "runs": runs, "seed": seed,
                      "torch_threads": torch.get_num_threads(),
                      "method_specs": {s.name: {"kind": s.kind, "path": s.path, **s.options} for s in specs}},
         "methods": summarise(raw, sampling.greedy),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary))
     from koala.bench_plots import write_plots
@@ -367,6 +395,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(markdown(summary))
     if summary["settings"]["malformed_lines"]:
         print(f"skipped {summary['settings']['malformed_lines']} malformed line(s) in {args.questions}")
+    for qid, why in summary["settings"]["skipped_questions"].items():
+        print(f"skipped question {qid}: {why}")
     print(f"wrote {Path(args.out) / 'results.json'}, results.md and plots")
     return 0
 
