@@ -32,3 +32,17 @@ def test_depth_zero_never_becomes_the_default(llama_target, tmp_path):
     save_head(random_head(llama_target, "eagle", 1), tmp_path / "e")
     with pytest.raises(ValueError, match="depth"):
         drafter_for_head(tmp_path / "e", llama_target, depth=0)
+
+
+def test_an_unwritable_output_is_one_sentence_and_leaves_no_temp_folders(saved_tiny_dir, tmp_path, capsys):
+    from koala.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "a", "conversations": [{"from": "human", "value": "w5 w6"}]}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = main(["distill", "--data", str(data), "--out", str(blocker / "out"), "--target", str(saved_tiny_dir),
+               "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write" in err and str(blocker) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jsonl"]

@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_target
 from koala.acceptance import Sampling
 from koala.decode import generate, keep_path, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter

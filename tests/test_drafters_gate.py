@@ -32,6 +32,10 @@ class Oracle(Drafter):
 
 
 def test_gate_turns_off_a_costly_useless_drafter_and_keeps_a_good_one(llama_target):
+    llama_target.eos_ids = set()  # never stop early: 60 steps to judge
+    # a real target's forward costs milliseconds whatever the tree size; the tiny one costs almost nothing, which
+    # would make the loop's own bookkeeping decide. Give every forward a real target's fixed cost.
+    llama_target.body.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     ref = generate(llama_target, PROMPT, None, max_new_tokens=60).tokens
     bad = GatedDrafter(Oracle(ref, right=False, cost=0.02))
     out = generate(llama_target, PROMPT, bad, max_new_tokens=60)
@@ -39,8 +43,8 @@ def test_gate_turns_off_a_costly_useless_drafter_and_keeps_a_good_one(llama_targ
     assert bad.plain_steps > 3 * bad.draft_steps  # backed off after the probes lost
     good = GatedDrafter(Oracle(ref, right=True, cost=0.0))
     out = generate(llama_target, PROMPT, good, max_new_tokens=60)
-    assert out.tokens == ref and out.stats.tau > 2
-    assert good.plain_steps == 2 and min(out.stats.accepted_lengths[3:]) >= 1  # measured plain once, then drafted
+    assert out.tokens == ref and out.stats.tau > 2.5
+    assert good.draft_steps > 3 * good.plain_steps
     # features of plainly decoded tokens reach the inner drafter (buffered, then handed over at once)
     assert bad.inner.observed + sum(len(n) for _, n in bad.buffer) == len(PROMPT) + len(ref) - 1
 

@@ -56,5 +56,5 @@ def probability(text: str) -> float:
 def port(text: str) -> int:
     value = _number(text, int)
     if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}")
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1..65535)")
     return value

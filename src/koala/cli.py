@@ -114,11 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one-line error (or --help): return its code
+        return int(e.code or 0)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # user-facing errors: one clear line, no traceback
         print(f"koala: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only or full disk, a path that is a file...: say which path and why
+        where = f" {e.filename}" if e.filename else ""
+        print(f"koala: error: cannot write{where}: {e.strerror or e}; choose another output path, fix its "
+              f"permissions or free some space.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nkoala: interrupted", file=sys.stderr)

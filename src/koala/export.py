@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +22,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from koala.heads.checkpoint import CONFIG, WEIGHTS, build_head, check_compatible, load_head, read_config
+from koala.atomic import atomic_dir
+from koala.heads.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    build_head,
+    check_compatible,
+    load_head,
+    read_config,
+)
 from koala.heads.config import HeadConfig
 
 EAGLE_FORMATS = ("vllm-eagle", "sglang-eagle")
@@ -138,20 +144,11 @@ def _write_dir(out: Path, files: dict[str, Callable[[Path], object]], overwrite:
     """Write files into `out` through a temporary dir renamed into place (never a half-written export)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    if out.exists() and not out.is_dir():
+        out.unlink()
+    with atomic_dir(out) as tmp:
         for name, write in files.items():
             write(tmp / name)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_head(head_dir: str | Path, fmt: str, out_dir: str | Path, target, dtype: torch.dtype | None = None,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from koala.adversarial import AdvConfig, Discriminator, Draft, d_loss, g_loss
+from koala.atomic import atomic_dir
 from koala.hidden_cache import Batch, HiddenCache, OnlineSource
 
 CKPT = "checkpoint"
@@ -354,16 +353,10 @@ def save_checkpoint(out: Path, head, disc, opt_h, opt_d, state: dict) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    final, tmp = out / CKPT, out / f".{CKPT}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "opt_head_groups": h_groups, "opt_disc_groups": d_groups}))
-    old = out / f".{CKPT}.old{os.getpid()}"
-    if final.exists():
-        final.replace(old)
-    tmp.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out / CKPT) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "opt_head_groups": h_groups,
+                                                    "opt_disc_groups": d_groups}))
 
 
 def load_checkpoint(out: Path, head, disc, opt_h, opt_d) -> dict:
@@ -758,7 +751,12 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.args import non_negative_float, non_negative_int, positive_float, positive_int
+    from koala.args import (
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
     from koala.cli import add_target_args
 
     p = sub.add_parser("train", help="train a Medusa/EAGLE draft head (optionally KOALA adversarial)")

@@ -24,11 +24,11 @@ from koala.tree import DraftTree
 
 class GatedDrafter(Drafter):
     def __init__(self, inner: Drafter, plain_probe: int = 32, first_backoff: int = 8, max_backoff: int = 128,
-                 smoothing: float = 0.3, clock=time.perf_counter) -> None:
+                 smoothing: float = 0.3, min_samples: int = 3, clock=time.perf_counter) -> None:
         self.inner = inner
         self.name = inner.name
         self.plain_probe, self.first_backoff, self.max_backoff = plain_probe, first_backoff, max_backoff
-        self.smoothing = smoothing
+        self.smoothing, self.min_samples = smoothing, min_samples
         self.clock = clock
         self.reset([])
 
@@ -40,6 +40,7 @@ class GatedDrafter(Drafter):
     def reset(self, prompt_ids: list[int]) -> None:
         self.inner.reset(prompt_ids)
         self.rate: dict[bool, float | None] = {True: None, False: None}  # tokens/s when drafting / plain
+        self.samples = {True: 0, False: 0}
         self.drafting = False  # the kind of the step in flight
         self.started: float | None = None
         self.gained = 0
@@ -55,14 +56,15 @@ class GatedDrafter(Drafter):
             rate = self.gained / max(now - self.started, 1e-9)
             old = self.rate[self.drafting]
             self.rate[self.drafting] = rate if old is None else old + self.smoothing * (rate - old)
+            self.samples[self.drafting] += 1
 
     def _choose(self) -> bool:
         if self.plain_left > 0:
             self.plain_left -= 1
             return False
         draft, plain = self.rate[True], self.rate[False]
-        if draft is None or plain is None:
-            return True
+        if draft is None or plain is None or self.samples[True] < self.min_samples:
+            return True  # one noisy step never decides
         if draft >= plain:
             self.backoff = self.first_backoff
             self.since_plain += 1

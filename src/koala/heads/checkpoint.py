@@ -6,14 +6,13 @@ checking that the head was trained for this very target.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from koala.atomic import atomic_dir
 from koala.heads.config import HeadConfig, target_identity
 from koala.heads.eagle import EagleHead
 from koala.heads.medusa import MedusaHead
@@ -43,20 +42,9 @@ def save_head(head: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = t
                for k, v in head.state_dict().items()}
     meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "config": head.cfg.to_dict(),
             "extra": extra or {}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        if out.exists():
-            out.replace(old)
-        tmp.replace(out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
