@@ -37,6 +37,8 @@ def test_depth_zero_never_becomes_the_default(llama_target, tmp_path):
 def test_an_unwritable_output_is_one_sentence_and_leaves_no_temp_folders(saved_tiny_dir, tmp_path, capsys):
     from koala.cli import main
 
+    tmp_path = tmp_path / "work"  # (saved_tiny_dir lives in tmp_path itself)
+    tmp_path.mkdir()
     data = tmp_path / "in.jsonl"
     data.write_text('{"id": "a", "conversations": [{"from": "human", "value": "w5 w6"}]}\n')
     blocker = tmp_path / "file"
