@@ -99,3 +99,17 @@ def test_smollm2_chat_template_mask(smollm2):
     assert texts == ["Hello! How can I help?<|im_end|>", "Why did the cat sit?<|im_end|>"]
     # the prompt part equals what the decode loop feeds the target for the first turn
     assert ids[:len(smollm2.encode(msgs[:1]))] == smollm2.encode(msgs[:1])
+
+
+def test_a_reply_cut_at_the_length_limit_masks_no_end_token(llama_target, tmp_path):
+    """`koala cache` over distilled text: a reply marked finish=length never emitted the end-of-turn token."""
+    rows = [{"id": "a", "conversations": [{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w7 w8"}],
+             "finish": ["length"]},
+            {"id": "b", "conversations": [{"from": "human", "value": "w5"}, {"from": "gpt", "value": "w7 w8"}],
+             "finish": ["eos"]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (ids_a, mask_a), (ids_b, mask_b) = tokenize_file(llama_target, path, 64, TokenStats())
+    tok = llama_target.tokenizer
+    assert [tok.convert_ids_to_tokens(i) for i, m in zip(ids_a, mask_a) if m] == ["w7", "w8"]
+    assert [tok.convert_ids_to_tokens(i) for i, m in zip(ids_b, mask_b) if m] == ["w7", "w8", "</s>"]

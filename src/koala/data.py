@@ -24,6 +24,7 @@ class Conversation:
     id: str
     messages: list[dict]
     index: int = -1  # position in the input file: the key that resumable pipelines use (ids may repeat)
+    finish: list[str] = field(default_factory=list)  # per assistant turn of distilled data: "eos" or "length"
 
     @property
     def user_turns(self) -> list[str]:
@@ -134,7 +135,8 @@ def _sharegpt(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
         return None
     if not _valid_unicode([m["content"] for m in messages], stats):
         return None
-    return Conversation(str(rec.get("id", index)), system + body, index)
+    finish = rec.get("finish") if isinstance(rec.get("finish"), list) else []
+    return Conversation(str(rec.get("id", index)), system + body, index, [str(f) for f in finish])
 
 
 def _mt_bench(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
