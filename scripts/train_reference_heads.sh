@@ -1,72 +1,72 @@
 #!/usr/bin/env bash
-# Re-train the reference heads shipped in heads/smollm2-135m/ with one recipe, plus the Medusa K x adversarial
-# ablation. Every step is resumable: re-running the script continues where it stopped.
+# Re-train the reference heads shipped in heads/smollm2-135m/ with one recipe. Every stage is resumable:
+# re-running the script continues where it stopped (distillation per shard, training per checkpoint).
 #
-#   bash scripts/train_reference_heads.sh            # everything (hours on 2 CPU cores; minutes on a GPU)
-#   STEPS=150 DISTILL_CONVERSATIONS=700 bash scripts/train_reference_heads.sh
+#   bash scripts/train_reference_heads.sh                     # EAGLE and EAGLE-KOALA (the default HEADS)
+#   HEADS="medusa medusa-koala" STEPS=400 bash scripts/train_reference_heads.sh
+#   ABLATION=1 bash scripts/train_reference_heads.sh          # also K in {1,2,3} x adversarial, seeds 0 and 1
 #
-# Stages: (1) self-distil ShareGPT first turns with the target, (2) cache the target's hidden states for the
-# distilled conversations, then append original ShareGPT conversations (soft targets still come from the target),
-# (3) train the four heads and the ablation with the same data and steps, (4) copy the heads into heads/.
+# Stages: (1) the target answers ShareGPT first turns, keeping its hidden states as it goes (`koala distill`),
+# (2) the target answers the Spec-Bench prompts: a held-out set of the answers users would ask for, used only
+# for acc@k, (3) train, (4) copy the heads into heads/ (COPY=0 to skip).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 
-SHAREGPT=${SHAREGPT:-../shared/data/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz}
+DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/reference}
-STEPS=${STEPS:-150}
-DISTILL_CONVERSATIONS=${DISTILL_CONVERSATIONS:-700}
-ORIGINAL_CONVERSATIONS=${ORIGINAL_CONVERSATIONS:-600}
-PARALLEL=${PARALLEL:-2}  # training runs at once (one thread each on CPU)
+DISTILLED=${DISTILLED:-runs/distill}
+STEPS=${STEPS:-400}
+HEADS=${HEADS:-eagle eagle-koala}
 DEVICE=${DEVICE:-cpu}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 koala=.venv/bin/koala
-mkdir -p "$RUNS"
+mkdir -p "$RUNS" "$DISTILLED"
 
-$koala distill --data "$SHAREGPT" --out "$RUNS/distilled.jsonl" --max-conversations "$DISTILL_CONVERSATIONS" \
-  --max-turns 1 --max-new-tokens 192 --max-prompt-tokens 512 --batch-size 64 --pool-factor 1 \
-  --dtype bfloat16 --device "$DEVICE"
-$koala cache --data "$RUNS/distilled.jsonl" --out "$RUNS/cache" --max-length 768 --dtype bfloat16 \
-  --device "$DEVICE" --append
-$koala cache --data "$SHAREGPT" --out "$RUNS/cache" --max-length 768 --dtype bfloat16 --device "$DEVICE" \
-  --append --max-sequences "$ORIGINAL_CONVERSATIONS"
+# bf16 generation with a preallocated KV cache; prompts over 512 tokens are skipped (counted in the manifest)
+$koala distill --data "$DATA/spec_bench/question.jsonl" --out "$DISTILLED/specbench" --max-new-tokens 256 \
+  --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE"
+$koala distill --data "$DATA/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz" --out "$DISTILLED/sharegpt" \
+  --max-new-tokens 320 --max-prompt-tokens 512 --batch-size 64 --dtype bfloat16 --device "$DEVICE" \
+  ${MAX_CONVERSATIONS:+--max-conversations "$MAX_CONVERSATIONS"}
 
-common=(--data "$RUNS/cache" --draft-vocab 8192 --max-steps "$STEPS" --warmup 10 --batch-size 8
-        --eval-sequences 24 --eval-every 50 --adv-start 40 --adv-warmup 40 --device "$DEVICE")
+common=(--data "$DISTILLED/sharegpt" --eval-data "$DISTILLED/specbench" --eval-sequences 96
+        --draft-vocab 8192 --max-steps "$STEPS" --warmup 20 --batch-size 8 --max-seq-len 512 --unroll 1
+        --eval-every 100 --adv-start 100 --adv-warmup 100 --device "$DEVICE")
 [ "$DEVICE" = cpu ] && common+=(--bf16)
 
-train() {  # NAME HEAD K [--adversarial]
+train() {  # NAME HEAD K [flags...]
   local name=$1 head=$2 k=$3; shift 3
   local out="$RUNS/$name"
   [ -f "$out/manifest.json" ] && { echo "$name: done"; return; }
+  mkdir -p "$(dirname "$out")"
   $koala train --head "$head" --layers "$k" "$@" --out "$out" "${common[@]}" --resume > "$out.log" 2>&1 \
     && echo "$name: trained" || { echo "$name: FAILED (see $out.log)"; return 1; }
 }
 
-jobs_list=(
-  "eagle-koala eagle 2 --adversarial"
-  "medusa medusa 1"
-  "medusa-koala medusa 2 --adversarial"
-  "eagle eagle 1"
-  "ablation/medusa-k1-adv medusa 1 --adversarial"
-  "ablation/medusa-k2 medusa 2"
-  "ablation/medusa-k3 medusa 3"
-  "ablation/medusa-k3-adv medusa 3 --adversarial"
-  "ablation/medusa-k4 medusa 4"
-  "ablation/medusa-k4-adv medusa 4 --adversarial"
-)
-mkdir -p "$RUNS/ablation"
-for job in "${jobs_list[@]}"; do
-  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do sleep 5; done
+declare -A RECIPE=([medusa]="medusa 1" [medusa-koala]="medusa 2 --adversarial"
+                   [eagle]="eagle 1" [eagle-koala]="eagle 2 --adversarial")
+for name in $HEADS; do
   # shellcheck disable=SC2086
-  train $job &
+  train "$name" ${RECIPE[$name]}
 done
-wait
 
-for name in medusa medusa-koala eagle eagle-koala; do
-  dest="heads/smollm2-135m/$name"
-  rm -rf "$dest" && mkdir -p "$dest"
-  cp "$RUNS/$name/head/config.json" "$RUNS/$name/head/model.safetensors" "$dest/"
-  cp "$RUNS/$name/manifest.json" "$dest/manifest.json"
-done
-echo "heads written to heads/smollm2-135m/"
+if [ "${ABLATION:-0}" = 1 ]; then
+  for kind in medusa eagle; do
+    for k in 1 2 3; do
+      seeds="0"; [ "$k" -le 2 ] && seeds="0 1"
+      for seed in $seeds; do
+        train "ablation/$kind-k$k-s$seed" "$kind" "$k" --seed "$seed"
+        train "ablation/$kind-k$k-adv-s$seed" "$kind" "$k" --adversarial --seed "$seed"
+      done
+    done
+  done
+fi
+
+if [ "${COPY:-1}" = 1 ]; then
+  for name in $HEADS; do
+    dest="heads/smollm2-135m/$name"
+    rm -rf "$dest" && mkdir -p "$dest"
+    cp "$RUNS/$name/head/config.json" "$RUNS/$name/head/model.safetensors" "$RUNS/$name/manifest.json" "$dest/"
+  done
+  echo "heads written to heads/smollm2-135m/"
+fi

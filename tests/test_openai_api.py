@@ -48,7 +48,7 @@ def running(app):
 def server():
     """(base url, target, app) of a live server with a tiny llama and the PLD drafter."""
     target = tiny_target("llama")
-    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS)
+    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS, max_tokens_cap=256)
     with running(app) as url:
         yield url, target, app
 
@@ -183,7 +183,18 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "w5 " * 300, "stream": True}, "context holds 256"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": "w5", "echo": True}, "unknown field 'echo'"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": 10**18}, "allows at most 256"),
+    ("/v1/completions", {"prompt": "w5 " * 100, "max_tokens": 200}, "exceeds the target's context"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w5 \\ud800"}]}', "content"),
 ]
+
+
+def test_a_vanishing_top_p_samples_the_best_token(server):
+    url, target, _ = server
+    body = {"messages": CHAT, "top_p": 1e-300, "temperature": 1.0, "seed": 3}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
 
 
 @pytest.mark.parametrize("path,body,message", BAD_REQUESTS)

@@ -49,6 +49,7 @@ def probs_from_logits(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= sampling.top_p  # keep the smallest set reaching top_p
+        drop[..., 0] = False  # never nothing: a top_p below float precision (1e-300) still keeps the best token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(-1)
 

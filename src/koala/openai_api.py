@@ -128,8 +128,15 @@ def _invalid_request(exc: RequestValidationError) -> APIError:
 
 
 def create_app(target: Target, drafter: Drafter | None = None, defaults: Sampling = Sampling(),
-               max_tokens: int = 256, rule: str = "auto", model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving `target`; `defaults` and `max_tokens` apply to requests that leave them out."""
+               max_tokens: int = 256, rule: str = "auto", model_name: str | None = None,
+               max_tokens_cap: int | None = None, max_prompt_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app serving `target`; `defaults` and `max_tokens` apply to requests that leave them out.
+
+    Hard limits a request cannot exceed (400 otherwise, as vLLM answers): `max_tokens_cap` new tokens (default
+    `max_tokens`), `max_prompt_tokens` prompt tokens (default: the context), prompt + max_tokens <= the context.
+    """
+    cap = max_tokens_cap or max_tokens
+    prompt_cap = min(max_prompt_tokens or target.max_length, target.max_length)
     engine = Engine(target, drafter, rule)
     served = model_name or Path(target.name).name or target.name
 
@@ -157,16 +164,33 @@ def create_app(target: Target, drafter: Drafter | None = None, defaults: Samplin
         if req.model not in (None, served):
             raise APIError(404, f"model '{req.model}' is not served here; this server serves '{served}'",
                            "model", "model_not_found")
+        limit = limit or max_tokens
+        if limit > cap:
+            raise APIError(400, f"max_tokens is {limit} but this server allows at most {cap}", "max_tokens")
         if len(ids) >= target.max_length:
             raise APIError(400, f"the prompt is {len(ids)} tokens but the target's context holds "
                                 f"{target.max_length} (prompt + answer); shorten it", "messages",
                            "context_length_exceeded")
+        if len(ids) > prompt_cap:
+            raise APIError(400, f"the prompt is {len(ids)} tokens but this server accepts at most {prompt_cap}; "
+                                f"shorten it", "messages", "context_length_exceeded")
+        if len(ids) + limit > target.max_length:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({limit}) exceeds the target's "
+                                f"context of {target.max_length} tokens; shorten the prompt or lower max_tokens",
+                           "max_tokens", "context_length_exceeded")
         sampling = Sampling(defaults.temperature if req.temperature is None else req.temperature,
                             defaults.top_p if req.top_p is None else req.top_p,
                             defaults.top_k if req.top_k is None else req.top_k)
-        return Job(ids, sampling, limit or max_tokens, req.seed, req.stop)
+        return Job(ids, sampling, limit, req.seed, req.stop)
 
     def encode(prompt: str | list[dict], chat: bool) -> list[int]:
+        texts = [prompt] if isinstance(prompt, str) else [str(m.get("content", "")) for m in prompt]
+        try:
+            for text in texts:
+                text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the content is not valid Unicode (a lone surrogate such as \\ud800)",
+                           "messages") from None
         try:
             return engine.encoder.encode(prompt, chat=chat)
         except ValueError as e:

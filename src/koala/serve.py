@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from koala.acceptance import Sampling
-from koala.args import port
+from koala.args import port, positive_int
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters.base import Drafter
 from koala.target import Target
@@ -149,7 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
               f"this address can use the model.", file=sys.stderr)
     target = target_from_args(args)
     app = create_app(target, drafter_from_args(args, target), sampling_from_args(args), args.max_new_tokens,
-                     args.acceptance, args.model_name)
+                     args.acceptance, args.model_name, args.max_tokens_cap, args.max_prompt_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -162,6 +162,10 @@ def add_command(sub) -> None:
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the target's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-tokens-cap", type=positive_int, default=None,
+                   help="most new tokens a request may ask for (default: --max-new-tokens, the default answer)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
+                   help="longest prompt accepted, in tokens (default: the target's context)")
     add_target_args(p)
     add_drafter_args(p)
     add_sampling_args(p)  # the defaults for requests that leave temperature/top_p/top_k/max_tokens out
