@@ -13,7 +13,7 @@ import torch
 from koala.heads import load_head
 from koala.hidden_cache import HiddenCache
 from koala.target import load_target
-from koala.train import DraftVocab, TrainConfig, coverage, evaluate, greedy_counts, windows
+from koala.train import DraftVocab, TrainConfig, coverage, evaluate, greedy_counts, split_indices, windows
 
 
 def main() -> None:
@@ -22,10 +22,14 @@ def main() -> None:
     p.add_argument("--data", required=True, nargs="+", help="held-out cache directories")
     p.add_argument("--depth", type=int, default=3, help="EAGLE draft steps to score (unrolled on its own features)")
     p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--eval-sequences", type=int, default=96,
+                   help="the same fixed held-out subset `koala train --eval-data` scores (0 = all)")
     args = p.parse_args()
     target = load_target()
     source = HiddenCache(args.data)
     idx = list(range(len(source)))
+    if 0 < args.eval_sequences < len(source):
+        idx = split_indices(len(source), args.eval_sequences)[1]
     counts = greedy_counts(source, idx, int(target.config.vocab_size))
     for path in args.heads:
         head = load_head(path, target).float()
