@@ -262,7 +262,7 @@ def test_a_head_drafter_serves_lossless_answers_under_load(tmp_path):
     with torch.no_grad():
         for p in head.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    drafter = drafter_for_head(save_head(head, tmp_path / "head"), target, total_tokens=8)
+    drafter = drafter_for_head(save_head(head, tmp_path / "head"), target, total_tokens=8, gate=False)
     prompts = [[{"role": "user", "content": f"w{i} w{i + 1} w{i} w{i + 1}"}] for i in range(5, 13)]
     references = [generate(target, m, max_new_tokens=MAX_TOKENS).text for m in prompts]
     with running(create_app(target, drafter, max_tokens=MAX_TOKENS)) as url:

@@ -22,6 +22,7 @@ def test_shipped_head_is_small_and_documented(name):
 def test_shipped_head_is_lossless_on_smollm2(smollm2, name):
     prompt = "Write three short tips for learning a new language."
     reference = generate(smollm2, prompt, max_new_tokens=40)
-    result = generate(smollm2, prompt, drafter_for_head(HEADS / name, smollm2, total_tokens=4), max_new_tokens=40)
+    drafter = drafter_for_head(HEADS / name, smollm2, total_tokens=4, gate=False)  # the head itself, always drafting
+    result = generate(smollm2, prompt, drafter, max_new_tokens=40)
     assert result.tokens == reference.tokens
     assert result.stats.target_forwards < reference.stats.target_forwards  # the trained head does get accepted
