@@ -86,8 +86,9 @@ class GatedDrafter(Drafter):
         self.drafting = self._choose()
         if self.drafting:
             self.draft_steps += 1
-            if self.buffer:
+            if self.buffer:  # the plain steps' deferred head work: not charged to this drafted step
                 self._flush()
+                now = self.clock()
             tree = self.inner.propose(ids, sampling, generator)
         else:
             self.plain_steps += 1
