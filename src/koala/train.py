@@ -31,6 +31,7 @@ from koala.hidden_cache import Batch, HiddenCache, OnlineSource
 
 CKPT = "checkpoint"
 PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
+PLAN_MARGIN = 0.8  # share of --max-minutes the planned steps may fill
 
 
 @dataclass
@@ -613,7 +614,8 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
             # fit the schedule to the time budget once, from measured throughput, so the cosine anneals before
             # the deadline; the plan is checkpointed, so a resumed run follows the same schedule
             per_step = state["seconds"] / state["step"]
-            cfg.max_steps = min(cfg.max_steps, max(state["step"] + 1, int(cfg.max_minutes * 60 / per_step)))
+            budget = PLAN_MARGIN * cfg.max_minutes * 60  # room for evals, checkpoints and a slower machine
+            cfg.max_steps = min(cfg.max_steps, max(state["step"] + 1, int(budget / per_step)))
             state["planned"] = True
             bar.total = cfg.max_steps
             if main:
