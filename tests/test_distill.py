@@ -129,6 +129,8 @@ def test_distill_resumes_exactly_and_keys_by_position(llama_target, tmp_path):
         f.write('{"key": 99, "conversa')
     resumed = distill(llama_target, data, tmp_path / "part", cfg, progress=False)
     assert resumed.already_done == 3 and resumed.conversations == 3
+    skips = [json.loads((tmp_path / d / "manifest.json").read_text())["skipped"] for d in ("whole", "part")]
+    assert skips[0] == skips[1] and skips[0]  # a resumed run counts each skipped record once
     a, b = HiddenCache(tmp_path / "whole"), HiddenCache(tmp_path / "part")
 
     def by_key(c, path):

@@ -228,6 +228,13 @@ def _rewrite_text(out: Path, manifest: dict) -> None:
     tmp.replace(out / TEXT)
 
 
+def _merge_skips(manifest: dict, skipped: dict[str, int]) -> None:
+    """Skips are properties of records, and every run (a resumed one too) reads the file from its start and
+    meets the same skipped records again: the larger count is the count."""
+    for k, v in skipped.items():
+        manifest["skipped"][k] = max(v, manifest["skipped"].get(k, 0))
+
+
 def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progress: bool = True) -> DistillStats:
     """Run (or resume) self-distillation of `data` into the directory `out`."""
     from tqdm import tqdm
@@ -290,8 +297,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         manifest["loss_tokens"] += sum(int(sum(p[2])) for p in pending)
         manifest["seconds"] = round(seconds0 + time.perf_counter() - start, 1)
         manifest["bytes"] += shard["bytes"]
-        for k, v in stats.skipped.items():
-            manifest["skipped"][k] = v + old["skipped"].get(k, 0) if old else v
+        _merge_skips(manifest, stats.skipped)
         write_json_atomic(out / MANIFEST, manifest)
         pending.clear()
 
@@ -329,11 +335,9 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
     stats.seconds = time.perf_counter() - start
     for reason, n in read.skipped.items():
         stats.skip(f"input: {reason}", n)
-    if stats.skipped:
-        manifest["skipped"] = {**manifest["skipped"], **{k: v for k, v in stats.skipped.items()
-                                                        if k.startswith("input: ")}}
-        if manifest["shards"]:
-            write_json_atomic(out / MANIFEST, manifest)
+    if stats.skipped and manifest["shards"]:
+        _merge_skips(manifest, stats.skipped)
+        write_json_atomic(out / MANIFEST, manifest)
     return stats
 
 
@@ -343,7 +347,8 @@ def _run(args) -> int:
     target = target_from_args(args)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
                         args.temperature, args.max_prompt_tokens, seed=args.seed)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stats = distill(target, args.data, args.out, cfg)
     print(json.dumps({"out": str(args.out), "conversations_written": stats.conversations,
                       "already_done": stats.already_done, "turns": stats.turns, "new_tokens": stats.new_tokens,
