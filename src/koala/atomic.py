@@ -1,5 +1,6 @@
 """Writing files and directories so that a reader (or a resumed run) sees the old version or the new one, never
-half of one; an OSError becomes one sentence naming the path, and temporary folders never stay behind."""
+half of one, and temporary folders never stay behind. OSErrors propagate with their path; `koala`'s command line
+turns them into one sentence."""
 from __future__ import annotations
 
 import json
@@ -10,15 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class OutputError(OSError):
-    """An output path could not be written (read-only, full disk, ...); the message says which and why."""
-
-
-def _explain(path: Path, e: OSError) -> OutputError:
-    why = e.strerror or str(e)
-    return OutputError(f"Cannot write {path}: {why}. Choose another output path or free space / fix permissions.")
-
-
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it replaces `final` (an old `final` is removed
@@ -26,18 +18,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     old = final.with_name(f".{final.name}.old{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise _explain(final.parent, e) from e
+    final.parent.mkdir(parents=True, exist_ok=True)  # fails naming the parent when it cannot be a directory
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
         if final.exists():
             final.replace(old)
         tmp.replace(final)
-    except OSError as e:
-        raise _explain(final, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -50,9 +38,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
-    except OSError as e:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise _explain(path, e) from e
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
