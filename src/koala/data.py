@@ -100,15 +100,21 @@ def iter_records(path: str | Path, stats: ReadStats) -> Iterator[object]:
             line = f.readline()
 
 
-def _valid_unicode(texts: list[str], stats: ReadStats) -> bool:
-    """False (counted) for text with lone surrogates: JSON can carry them, UTF-8 and tokenizers cannot."""
+def valid_unicode(texts: list[str]) -> bool:
+    """False for text with lone surrogates (e.g. "\\ud800"): JSON can carry them, UTF-8 and tokenizers cannot."""
     try:
         for t in texts:
             t.encode("utf-8")
     except UnicodeEncodeError:
-        stats.skip("invalid Unicode (lone surrogate)")
         return False
     return True
+
+
+def _valid_unicode(texts: list[str], stats: ReadStats) -> bool:
+    ok = valid_unicode(texts)
+    if not ok:
+        stats.skip("invalid Unicode (lone surrogate)")
+    return ok
 
 
 def _sharegpt(rec: dict, index: int, stats: ReadStats) -> Conversation | None:

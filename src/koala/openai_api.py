@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from koala.acceptance import Sampling
+from koala.data import valid_unicode
 from koala.decode import Stats
 from koala.drafters.base import Drafter
 from koala.serve import Engine, Job
@@ -185,12 +186,8 @@ def create_app(target: Target, drafter: Drafter | None = None, defaults: Samplin
 
     def encode(prompt: str | list[dict], chat: bool) -> list[int]:
         texts = [prompt] if isinstance(prompt, str) else [str(m.get("content", "")) for m in prompt]
-        try:
-            for text in texts:
-                text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, "the content is not valid Unicode (a lone surrogate such as \\ud800)",
-                           "messages") from None
+        if not valid_unicode(texts):
+            raise APIError(400, "the content is not valid Unicode (a lone surrogate such as \\ud800)", "messages")
         try:
             return engine.encoder.encode(prompt, chat=chat)
         except ValueError as e:
