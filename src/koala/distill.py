@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koala.atomic import write_json_atomic
+from koala.atomic import write_json_atomic, write_text_atomic
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
-from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, shard_keys, tokenize_conversation, write_shard
+from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, tokenize_conversation, write_shard
 from koala.slots import SlotModel
 
 TEXT = "conversations.jsonl"
@@ -79,8 +79,7 @@ class Job:
 
     conv: Conversation
     turn: int
-    history: list[dict]  # messages before this turn's user message (system, earlier turns)
-    messages: list[dict]  # history + this turn's user message
+    messages: list[dict]  # the conversation so far (system, earlier turns) + this turn's user message
     prompt: list[int]
     prompt_mask: list[bool]  # True on earlier assistant-written tokens of the prompt
     counts: list[int]  # new tokens of earlier turns
@@ -122,7 +121,7 @@ def make_job(target, conv: Conversation, turn: int, history: list[dict], cfg: Di
         stats.skip("chat template not prefix-stable (later turn)")
         return None
     mask = prev_mask + [False] * (len(prompt) - len(prev_ids))
-    return Job(conv, turn, history, messages, prompt, mask, counts, finish)
+    return Job(conv, turn, messages, prompt, mask, counts, finish)
 
 
 class Generator:
@@ -132,7 +131,6 @@ class Generator:
         self.target, self.cfg = target, cfg
         self.capacity = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
         self.model = SlotModel(target.model, cfg.batch_size, self.capacity)
-        self.eos = torch.tensor(sorted(target.eos_ids))
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     def _next(self, hidden: torch.Tensor) -> list[int]:
@@ -210,22 +208,17 @@ class Generator:
                 rows.pop()
 
 
-def _done_keys(out: Path) -> tuple[dict | None, set[int]]:
+def _resume(out: Path) -> tuple[dict | None, set[int]]:
+    """(manifest, keys of the published records), or (None, {}) for a new directory. conversations.jsonl is
+    rewritten to exactly the published records (dropping lines of a run killed between its append and the
+    manifest)."""
     file = out / MANIFEST
     if not file.is_file():
         return None, set()
     manifest = json.loads(file.read_text())
-    return manifest, shard_keys(out, manifest["shards"])
-
-
-def _rewrite_text(out: Path, manifest: dict) -> None:
-    """conversations.jsonl = exactly the published shards' records (drops lines of a run killed mid-publish)."""
-    tmp = out / (TEXT + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for shard in manifest["shards"]:
-            for r in json.loads((out / shard["name"] / "records.json").read_text()):
-                f.write(json.dumps(r) + "\n")
-    tmp.replace(out / TEXT)
+    records = [r for sh in manifest["shards"] for r in json.loads((out / sh["name"] / "records.json").read_text())]
+    write_text_atomic(out / TEXT, "".join(json.dumps(r) + "\n" for r in records))
+    return manifest, {int(r["key"]) for r in records}
 
 
 def _merge_skips(manifest: dict, skipped: dict[str, int]) -> None:
@@ -243,12 +236,10 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    old, done = _done_keys(out)
     ident = target_identity(target)
-    if old is not None:
-        if old["target"]["lm_head_sha256"] != ident["lm_head_sha256"]:
-            raise ValueError(f"{out} was distilled from another target ({old.get('target_name')}); use a new --out.")
-        _rewrite_text(out, old)
+    old, done = _resume(out)
+    if old is not None and old["target"]["lm_head_sha256"] != ident["lm_head_sha256"]:
+        raise ValueError(f"{out} was distilled from another target ({old.get('target_name')}); use a new --out.")
     stats = DistillStats(already_done=len(done))
     read = ReadStats()
     more: deque = deque()
@@ -278,10 +269,12 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
                        "loss_tokens": 0, "cut_sequences": 0, "cut_tokens": 0, "skipped": {}, "shards": [],
                        "seconds": 0.0, "bytes": 0}
     pending: list[tuple[dict, list[int], list[bool], np.ndarray]] = []
+    pending_tokens = 0
     start = time.perf_counter()
     seconds0 = manifest["seconds"]
 
     def publish() -> None:
+        nonlocal pending_tokens
         if not pending:
             return
         shard = write_shard(out / f"shard{len(manifest['shards']):04d}",
@@ -300,6 +293,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         _merge_skips(manifest, stats.skipped)
         write_json_atomic(out / MANIFEST, manifest)
         pending.clear()
+        pending_tokens = 0
 
     total = None if cfg.max_conversations is None else max(cfg.max_conversations - len(done), 0)
     bar = tqdm(total=total, unit="conv", disable=not progress, mininterval=5, file=sys.stderr)
@@ -323,12 +317,13 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         record["key"] = job.conv.index
         ids, mask = row.ids, job.prompt_mask + [True] * len(new)
         pending.append((record, ids, mask, hidden.numpy()))
+        pending_tokens += len(ids)
         stats.conversations += 1
         stats.tokens += len(ids)
         bar.update(1)
         stats.seconds = time.perf_counter() - start
         bar.set_postfix(tok=stats.new_tokens, tok_s=f"{stats.tokens_per_s:.0f}", refresh=False)
-        if sum(len(p[1]) for p in pending) >= cfg.shard_tokens:
+        if pending_tokens >= cfg.shard_tokens:
             publish()
     publish()
     bar.close()
