@@ -23,14 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from koala.atomic import atomic_dir
-from koala.heads.checkpoint import (
-    CONFIG,
-    WEIGHTS,
-    build_head,
-    check_compatible,
-    load_head,
-    read_config,
-)
+from koala.heads.checkpoint import CONFIG, WEIGHTS, build_head, check_compatible, load_head, read_config
 from koala.heads.config import HeadConfig
 
 EAGLE_FORMATS = ("vllm-eagle", "sglang-eagle")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koala.atomic import write_json_atomic
+from koala.atomic import atomic_dir, write_json_atomic
 from koala.data import ReadStats, read_conversations
 
 FORMAT = "koala-hidden-cache/2"
@@ -136,10 +136,10 @@ def greedy_from_hidden(target, hidden: torch.Tensor, mask: torch.Tensor) -> torc
     need[:, :-1] = mask[:, 1:]
     out = torch.full(mask.shape, -1, dtype=torch.long)
     rows = need.nonzero(as_tuple=True)
+    w = target.lm_head.weight.float().T  # once, not per chunk
     for a in range(0, rows[0].numel(), 4096):
         r = (rows[0][a:a + 4096], rows[1][a:a + 4096])
-        w = target.lm_head.weight
-        out[r] = (hidden[r].to(w.device, torch.float32) @ w.float().T).argmax(-1).cpu()
+        out[r] = (hidden[r].to(w.device, torch.float32) @ w).argmax(-1).cpu()
     return out
 
 
@@ -295,8 +295,6 @@ def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool], np.ndarra
                 records: list[dict]) -> dict:
     """Write one shard directory atomically: ids, loss mask, greedy next tokens, offsets, hidden states (fp16)
     and one small record per sequence (at least its "key", the position of its conversation in the source)."""
-    from koala.atomic import atomic_dir
-
     lengths = [len(s[0]) for s in seqs]
     with atomic_dir(dirpath) as tmp:
         np.save(tmp / "greedy.npy", np.concatenate([np.asarray(s[2], dtype=np.int32) for s in seqs]))

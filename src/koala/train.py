@@ -753,17 +753,13 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.args import (
-        non_negative_float,
-        non_negative_int,
-        positive_float,
-        positive_int,
-    )
+    from koala.args import non_negative_float, non_negative_int, positive_float, positive_int
     from koala.cli import add_target_args
 
     p = sub.add_parser("train", help="train a Medusa/EAGLE draft head (optionally KOALA adversarial)")
     p.add_argument("--head", choices=["medusa", "eagle"], required=True)
-    p.add_argument("--layers", type=positive_int, default=1, help="K: residual blocks per Medusa head / EAGLE decoder layers")
+    p.add_argument("--layers", type=positive_int, default=1,
+                   help="K: residual blocks per Medusa head / EAGLE decoder layers")
     p.add_argument("--data", required=True, nargs="+",
                    help="cache directories (`koala distill` / `koala cache`), or one distilled JSONL (online mode)")
     p.add_argument("--eval-data", nargs="+", default=None,
@@ -772,7 +768,8 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics, head/, manifest.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--num-heads", type=positive_int, default=4, help="Medusa heads")
-    p.add_argument("--unroll", type=non_negative_int, default=2, help="EAGLE: training steps on its own predicted features")
+    p.add_argument("--unroll", type=non_negative_int, default=2,
+                   help="EAGLE: training steps on its own predicted features")
     p.add_argument("--draft-vocab", type=non_negative_int, default=0, help="reduced draft vocabulary size (0 = full)")
     p.add_argument("--max-steps", type=positive_int, default=1000)
     p.add_argument("--max-minutes", type=positive_float, default=None, help="stop early (saved) after this wall time")
@@ -791,11 +788,13 @@ def add_command(sub) -> None:
     g = p.add_argument_group("KOALA adversarial learning (docs/adversarial.md)")
     g.add_argument("--adversarial", action="store_true", help="add the discriminator term")
     g.add_argument("--adv-weight", type=non_negative_float, default=0.1, help="lambda")
-    g.add_argument("--adv-start", type=non_negative_int, default=100, help="supervised-only steps before lambda ramps up")
+    g.add_argument("--adv-start", type=non_negative_int, default=100,
+                   help="supervised-only steps before lambda ramps up")
     g.add_argument("--adv-warmup", type=non_negative_int, default=100)
     g.add_argument("--adv-loss", choices=["nonsaturating", "hinge", "lsgan"], default="nonsaturating")
     g.add_argument("--adv-level", choices=["sequence", "position"], default="sequence")
-    g.add_argument("--adv-contexts", type=non_negative_int, default=128, help="contexts per batch in the adversarial term")
+    g.add_argument("--adv-contexts", type=non_negative_int, default=128,
+                   help="contexts per batch in the adversarial term")
     g.add_argument("--adv-features", action="store_true", help="EAGLE: D also sees predicted features")
     g.add_argument("--d-steps", type=positive_int, default=1, help="discriminator updates per head update")
     g.add_argument("--d-lr", type=positive_float, default=5e-4)
