@@ -116,8 +116,10 @@ class RandomTreeDrafter(Drafter):
     def __init__(self, vocab: int, seed: int = 0) -> None:
         self.q = torch.distributions.Dirichlet(torch.ones(vocab)).sample((vocab,))
         self.vocab = vocab
+        self.generator = torch.Generator().manual_seed(seed)  # a drafter that samples owns its randomness
 
-    def propose(self, ids, sampling, generator=None):
+    def propose(self, ids):
+        generator = self.generator
         tokens, parents, qs = [], [], []
         first, d0 = sample_without_replacement(self.q[ids[-1]], 2, generator)
         for x, dx in zip(first, d0):

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from koala.acceptance import Sampling
-from koala.decode import generate, keep_path, stream_tokens
+from koala.decode import generate, keep_paths, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.tree import DraftTree, verify_inputs
 
@@ -31,7 +31,7 @@ class NoisyOracle(Drafter):
         self.full, self.start, self.vocab = prompt + reference, len(prompt), vocab
         self.rng = random.Random(seed)
 
-    def propose(self, ids, sampling, generator=None) -> DraftTree:
+    def propose(self, ids) -> DraftTree:
         truth = self.full[len(ids):len(ids) + 6]
         if not truth:
             return DraftTree.empty()
@@ -95,7 +95,7 @@ def test_tree_on_top_of_cache_and_compaction(any_target):
     tree = DraftTree(torch.tensor([7, 8, 9, 10]), torch.tensor([-1, -1, 1, 2]))
     ids, pos, mask = verify_inputs(pending, tree, len(prompt), torch.float32)
     tree_logits = any_target.logits(any_target.hidden(ids, pos, cache, mask))[0]
-    keep_path(cache, len(prompt) + 1, [1, 2, 3])  # 8 -> 9 -> 10, skipping node 0
+    keep_paths(cache, [len(prompt) + 1], len(prompt) + 1, [[1, 2, 3]])  # 8 -> 9 -> 10, skipping node 0
     text = prompt + [50, 8, 9, 10]
     assert cache.get_seq_length() == len(text)
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_tree_drafting_matches_a_plain_forward_along_each_path(llama_target):
     with torch.inference_mode():
         hidden = llama_target.hidden(ids, torch.arange(len(PROMPT))[None], None)[0]
         drafter.observe(hidden, PROMPT[1:] + [7])
-        drafter.propose(PROMPT + [7], Sampling())
+        drafter.propose(PROMPT + [7])
         cands = drafter.cands
         assert len(drafter.seen) == 2 + 2  # depth-1 and depth-2 frontiers were run through the head
         for node, feature in drafter.seen.items():

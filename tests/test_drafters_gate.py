@@ -21,7 +21,7 @@ class Oracle(Drafter):
         self.full, self.right, self.cost = PROMPT + reference, right, cost
         self.observed = 0
 
-    def propose(self, ids, sampling, generator=None) -> DraftTree:
+    def propose(self, ids) -> DraftTree:
         time.sleep(self.cost)
         truth = self.full[len(ids):len(ids) + 4]
         tokens = truth if self.right else [(t + 7) % 100 + 2 for t in truth]

@@ -40,7 +40,7 @@ def test_medusa_tree_is_rooted_at_the_pending_token(llama_target):
     with torch.inference_mode():
         hidden = llama_target.hidden(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], None)[0]
     drafter.observe(hidden, PROMPT[1:] + [5])
-    tree = drafter.propose(PROMPT + [5], Sampling())
+    tree = drafter.propose(PROMPT + [5])
     # every fresh head predicts the base model's next token from the same hidden state
     best = int(llama_target.logits(hidden[-1]).argmax())
     assert tree.tokens.tolist() == [best, best] and tree.parents.tolist() == [-1, 0]

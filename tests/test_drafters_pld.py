@@ -1,7 +1,6 @@
 """Prompt lookup drafting."""
 import pytest
 
-from koala.acceptance import Sampling
 from koala.drafters.pld import PromptLookupDrafter, lookup
 
 
@@ -13,7 +12,7 @@ def test_lookup_prefers_longest_and_latest_match():
 
 
 def test_drafter_returns_chain():
-    tree = PromptLookupDrafter(max_ngram=2, num_tokens=3).propose([4, 5, 6, 7, 4, 5], Sampling())
+    tree = PromptLookupDrafter(max_ngram=2, num_tokens=3).propose([4, 5, 6, 7, 4, 5])
     assert tree.tokens.tolist() == [6, 7, 4] and tree.parents.tolist() == [-1, 0, 1]
     with pytest.raises(ValueError):
         PromptLookupDrafter(max_ngram=0)

@@ -76,7 +76,7 @@ class OracleDrafter(Drafter):
     def __init__(self, target, tree, depth):
         self.target, self.tree, self.depth = target, tree, depth
 
-    def propose(self, ids, sampling, generator=None):
+    def propose(self, ids):
         def expand(cands: Candidates, nodes, k):
             rows = []
             for node in nodes:

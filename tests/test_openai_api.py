@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -11,7 +12,6 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from conftest import tiny_target
 from koala.decode import generate
@@ -20,19 +20,23 @@ from koala.drafters.factory import drafter_for_head
 from koala.heads import HeadConfig, save_head
 from koala.heads.checkpoint import build_head
 from koala.openai_api import create_app
+from koala.serve import Limits, uvicorn_server
 
 MAX_TOKENS = 16
 CHAT = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w6 w7 w5 w6"}]
 
 
 @contextmanager
-def running(app):
-    """Serve `app` with uvicorn on a free loopback port in a background thread; yields the base url."""
+def running(app, server: list | None = None):
+    """Serve `app` with uvicorn on a free loopback port in a background thread; yields the base url (and appends
+    the uvicorn server to `server`)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    srv = uvicorn_server(app, log_level="warning")
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    if server is not None:
+        server.append((srv, thread))
     deadline = time.monotonic() + 30
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
@@ -48,7 +52,7 @@ def running(app):
 def server():
     """(base url, target, app) of a live server with a tiny llama and the PLD drafter."""
     target = tiny_target("llama")
-    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS, max_tokens_cap=256)
+    app = create_app(target, PromptLookupDrafter(), max_tokens=MAX_TOKENS, limits=Limits(max_tokens_cap=256))
     with running(app) as url:
         yield url, target, app
 
@@ -139,7 +143,9 @@ def test_seeded_sampling_is_reproducible(server):
 def test_models_and_health(server):
     url, _, _ = server
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny-llama"
-    assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "tiny-llama", "drafter": "pld", "pending": 0}
+    health = httpx.get(f"{url}/health").json()
+    assert health.pop("peak_batch") >= 0
+    assert health == {"status": "ok", "model": "tiny-llama", "drafter": "pld", "pending": 0}
 
 
 def test_the_official_openai_client(server):
@@ -219,20 +225,11 @@ def test_a_client_leaving_a_stream_does_not_hurt_the_next_request(server):
     assert body["choices"][0]["message"]["content"] == reference
 
 
-def test_concurrent_requests_are_queued_and_all_complete(server):
+def test_concurrent_requests_are_batched_and_all_complete(server):
     """~20 clients at once (half streaming): every answer is whole and equal to the single-request greedy one."""
     url, target, app = server
     reference = generate(target, CHAT, max_new_tokens=MAX_TOKENS).text
     engine = app.state.engine
-    run, active, peak = engine.run, [0], [0]
-
-    def tracked(*args):
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        try:
-            return run(*args)
-        finally:
-            active[0] -= 1
 
     def one(i: int) -> str:
         req = {"messages": CHAT, "stream": i % 2 == 1}
@@ -244,14 +241,10 @@ def test_concurrent_requests_are_queued_and_all_complete(server):
             assert events[-1] == "[DONE]"
             return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
 
-    engine.run = tracked
-    try:
-        with ThreadPoolExecutor(20) as pool:
-            answers = list(pool.map(one, range(20), timeout=120))
-    finally:
-        engine.run = run
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(one, range(20), timeout=120))
     assert answers == [reference] * 20
-    assert peak[0] == 1  # the model never ran two requests at once
+    assert 1 < engine.peak_batch <= engine.max_batch  # requests shared target forwards
 
 
 def test_a_head_drafter_serves_lossless_answers_under_load(tmp_path):
@@ -282,7 +275,7 @@ def test_a_failure_inside_the_model_is_reported_not_fatal(server, monkeypatch):
     def broken(*args):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(app.state.engine, "run", broken)
+    monkeypatch.setattr(app.state.engine.target, "hidden", broken)
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30)
     assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": CHAT, "stream": True}, timeout=30) as r:
@@ -290,3 +283,90 @@ def test_a_failure_inside_the_model_is_reported_not_fatal(server, monkeypatch):
     assert "out of memory (simulated)" in events[-2]["error"]["message"] and events[-1] == "[DONE]"
     monkeypatch.undo()
     assert httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30).status_code == 200
+
+
+class Slow(PromptLookupDrafter):
+    """Proposes nothing, slowly: a generation that would take seconds."""
+
+    def propose(self, ids):
+        time.sleep(0.02)
+        return super().propose([])
+
+
+def wait_until(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_limits_refuse_with_openai_shaped_errors():
+    target = tiny_target("llama")
+    special = next(t for t in target.tokenizer.all_special_tokens if t)
+    limits = Limits(max_body_bytes=200_000, max_messages=3, max_stop_chars=5, api_key="sekret")
+    key = {"Authorization": "Bearer sekret"}
+    with running(create_app(target, max_tokens=8, limits=limits)) as url:
+        def post(body, headers=key, path="/v1/chat/completions"):
+            if isinstance(body, bytes) or not isinstance(body, (dict, list)):
+                return httpx.post(url + path, content=body, headers={**headers, "content-type": "application/json"},
+                                  timeout=30)
+            return httpx.post(url + path, json=body, headers=headers, timeout=30)
+
+        def error(r, status: int, text: str) -> None:
+            assert r.status_code == status, r.text
+            assert text in r.json()["error"]["message"]
+
+        user = {"role": "user", "content": "w5 w6"}
+        assert post({"messages": [user]}).status_code == 200
+        error(post({"messages": [user]}, headers={}), 401, "API key")
+        error(post({"messages": [user]}, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+        assert httpx.get(url + "/v1/models").status_code == 401 and httpx.get(url + "/health").status_code == 200
+        error(post({"messages": [{"role": "user", "content": "w5 " * 100_000}]}), 413, "200000 bytes")
+        chunks = (b"x" * 50_000 for _ in range(6))  # no Content-Length: counted as it arrives
+        error(post(chunks), 413, "200000 bytes")
+        error(post({"messages": [user] * 4}), 400, "limit of 3")
+        error(post({"messages": [user], "stop": ["abcdef"]}), 400, "limit of 5 characters")
+        error(post({"messages": [{"role": "user", "content": f"w5 {special} w6"}]}), 400, "special token")
+        error(post(b'{"messages": [{"role": "user", "content": "\xff"}]}'.replace(b"\\xff", b"\xff")), 400, "")
+        error(post(b"[" * 50_000 + b"]" * 50_000), 400, "")
+        error(httpx.get(url + "/v1/nope", headers=key), 404, "Not Found")
+        error(httpx.get(url + "/v1/chat/completions", headers=key), 405, "Method Not Allowed")
+    with running(create_app(target, max_tokens=8, limits=Limits(allow_special_tokens=True))) as url:
+        body = {"messages": [{"role": "user", "content": f"w5 {special} w6"}]}
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
+def test_a_full_queue_answers_503_and_a_departed_client_frees_the_worker():
+    target = tiny_target("llama")
+    target.eos_ids = set()  # the answer runs its full length unless cut
+    app = create_app(target, Slow(), max_tokens=200, limits=Limits(max_batch=1, max_waiting=0))
+    engine = app.state.engine
+    with running(app) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "w5", "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()  # kept alive: a dropped iterator closes the connection
+            next(lines)
+            busy = httpx.post(f"{url}/v1/completions", json={"prompt": "w5"}, timeout=30)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+            assert busy.json()["error"]["code"] == "server_busy"
+        assert wait_until(lambda: engine.pending == 0)
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that hangs up
+            httpx.post(f"{url}/v1/completions", json={"prompt": "w5"}, timeout=0.5)
+        assert wait_until(lambda: engine.pending == 0, 3)  # 200 slow steps would take 4 s
+
+
+def test_shutdown_cuts_open_streams_through_uvicorn():
+    target = tiny_target("llama")
+    target.eos_ids = set()  # the answer runs its full length unless cut
+    app = create_app(target, Slow(), max_tokens=200)
+    server = []
+    with running(app, server) as url:
+        srv, thread = server[0]
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "w5", "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            started = time.monotonic()
+            srv.handle_exit(signal.SIGTERM, None)
+            events = [line for line in lines if line.startswith("data: ")]
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - started < 3  # 200 slow steps would take 4 s
+    assert events[-1] == "data: [DONE]" and '"finish_reason": "stop"' in events[-2]

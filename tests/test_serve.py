@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import pytest
 
@@ -63,29 +65,43 @@ def test_engine_cancellation_stops_or_skips_a_job():
     assert 0 < out.stats.new_tokens < 30 and out.finish_reason == "stop"
 
 
-def test_engine_runs_submitted_jobs_one_at_a_time():
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_engine_batches_concurrent_jobs(max_batch):
+    """Jobs in flight decode together (up to max_batch, leaving as they finish); answers equal single requests."""
     target = tiny_target("llama")
-    engine = Engine(target)
-    active, peak = 0, 0
-    run = engine.run
-
-    def tracked(*args):
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        try:
-            return run(*args)
-        finally:
-            active -= 1
-
-    engine.run = tracked
+    engine = Engine(target, PromptLookupDrafter(), max_batch=max_batch)
+    prompts = ["w5 w6 w7", "w8 w9", "w5 w5 w6", "w7", "w9 w8 w7 w6", "w6 w6"]
+    refs = [generate(target, p, max_new_tokens=6 + 2 * i).text for i, p in enumerate(prompts)]
 
     async def many():
-        return await asyncio.gather(*(engine.submit(job(target, "w5 w6 w7", n=8)) for _ in range(6)))
+        return await asyncio.gather(*(engine.submit(job(target, p, n=6 + 2 * i)) for i, p in enumerate(prompts)))
 
     outs = asyncio.run(many())
     engine.shutdown()
-    assert peak == 1 and len({o.text for o in outs}) == 1 and engine.pending == 0
+    assert [o.text for o in outs] == refs and engine.pending == 0
+    assert engine.peak_batch == 1 if max_batch == 1 else 1 < engine.peak_batch <= max_batch
+
+
+def test_a_job_past_its_deadline_is_cut():
+    target = tiny_target("llama")
+    engine = Engine(target)
+    late = job(target, "w5 w6", n=30)
+    late.deadline = time.monotonic() - 1
+    out = engine.run(late)
+    assert out.timed_out and out.finish_reason == "length" and out.stats.new_tokens == 0
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_stop_scanner_matches_a_plain_search(seed):
+    """The KMP scanner against str.find on random texts over a tiny alphabet (overlapping, repeated stops): the text
+    is cut before the stop that completes first, however the text is split into pieces."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab") for _ in range(60))
+    stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+    cuts = sorted(rng.sample(range(1, len(text)), 8))
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in stops) if i >= 0]  # (end, start)
+    assert scan(stops, pieces) == ((text[:min(hits)[1]], True) if hits else (text, False))
 
 
 def test_shutdown_stops_the_running_job():

@@ -72,11 +72,6 @@ def keep_paths(cache: DynamicCache, lengths: list[int], width: int, kept: list[l
     return new
 
 
-def keep_path(cache: DynamicCache, base: int, nodes: list[int]) -> None:
-    """One sequence: keep positions [0, base) and the accepted tree nodes (block columns base + node), in order."""
-    keep_paths(cache, [base], base, [nodes])
-
-
 @torch.inference_mode()
 def drop_rows(cache: DynamicCache, keep: list[int], length: int) -> None:
     """Keep only the batch rows `keep` of the cache, cut to `length` columns (finished sequences stop costing)."""
@@ -105,134 +100,230 @@ def _accept(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, rule: str
     return accept_sampling(tree, probs, generator)
 
 
+def check_prompt(target: Target, ids: list[int], which: str = "The prompt") -> None:
+    if not ids:
+        raise ValueError(f"{which} is empty: give at least one token.")
+    if len(ids) >= target.max_length:
+        raise ValueError(f"{which} has {len(ids)} tokens but the target's context holds {target.max_length}; "
+                         f"shorten it.")
+
+
+@dataclass
+class Request:
+    """What one sequence asks of the loop. rule "auto" is lossless (exact match when greedy, speculative sampling
+    otherwise); "typical" is Medusa's lossy typical acceptance and only differs when sampling."""
+
+    ids: list[int]  # the prompt's token ids
+    drafter: Drafter = field(default_factory=Drafter)
+    sampling: Sampling = Sampling()
+    max_new_tokens: int = 256
+    rule: str = "auto"
+    seed: int | None = None
+
+
+@dataclass(eq=False)  # compared by identity: a row is one sequence in flight
+class Row:
+    """One sequence's state in the decode loop."""
+
+    request: Request
+    ids: list[int]  # prompt + committed tokens
+    pending: torch.Tensor  # tokens the next forward feeds (the prompt, then the last bonus token)
+    budget: int  # new tokens it may still reach in total (max_new_tokens, cut by the context)
+    generator: torch.Generator | None
+    stats: Stats
+    started: float
+    length: int = 0  # valid columns in its cache row
+    finished: bool = False
+    cancelled: bool = False
+
+
+class Decoder:
+    """Owns a batch of sequences decoding together: `add` a request at any time, `step` runs ONE target forward
+    for every live row (each with its own pending tokens, draft tree, acceptance and cache length; see
+    `batch_verify_inputs`) and returns each row's newly committed ids. Finished and cancelled rows leave the batch;
+    with `max_batch`, at most that many decode at once and waiting rows join (their prompt forward rides along with
+    the others' step) as soon as rows free up. Stats.seconds counts from the row's `add`.
+    """
+
+    def __init__(self, target: Target, max_batch: int | None = None) -> None:
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
+        self.target, self.max_batch = target, max_batch
+        self.cache = DynamicCache()
+        self.live: list[Row] = []  # rows in the cache, in cache-row order
+        self.waiting: list[Row] = []  # rows not in the cache yet, in order of arrival
+        self.width = 0  # the cache's columns
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.live or self.waiting)
+
+    def add(self, request: Request, stats: Stats | None = None) -> Row:
+        """Queue a sequence; it joins the batch at the next step with room. Raises ValueError on bad input."""
+        ids, t = request.ids, self.target
+        check_prompt(t, ids)
+        if request.rule not in RULES:
+            raise ValueError(f"Unknown acceptance rule {request.rule!r}; choose one of {RULES}.")
+        if any(r.request.drafter is request.drafter for r in self.live + self.waiting):
+            raise ValueError("The same drafter instance appears twice; give each sequence its own (Drafter.fork).")
+        generator = None if request.seed is None else torch.Generator().manual_seed(request.seed)
+        row = Row(request, list(ids), torch.tensor(ids, dtype=torch.long, device=t.device),
+                  min(request.max_new_tokens, t.max_length - len(ids)), generator, stats or Stats(),
+                  time.perf_counter())
+        request.drafter.reset(row.ids)
+        if row.budget > 0:
+            self.waiting.append(row)
+        else:
+            row.finished = True
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Stop a sequence; it leaves the batch at the next step (a waiting one never starts)."""
+        row.cancelled = True
+
+    def _leave(self, stay: list[Row]) -> None:
+        if len(stay) < len(self.live):
+            keep = [r for r, row in enumerate(self.live) if row in stay]
+            self.live = [self.live[r] for r in keep]
+            drop_rows(self.cache, keep, max((row.length for row in self.live), default=0))
+        self.width = max((row.length for row in self.live), default=0)
+
+    def _join(self) -> None:
+        for row in [r for r in self.live + self.waiting if r.cancelled]:
+            row.finished = True
+        self.waiting = [r for r in self.waiting if not r.cancelled]
+        self._leave([r for r in self.live if not r.cancelled])
+        room = (self.max_batch or len(self.live) + len(self.waiting)) - len(self.live)
+        if self.waiting and room > 0:
+            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+            add_rows(self.cache, len(joining))
+            self.live += joining
+
+    def _tree(self, row: Row) -> DraftTree:
+        if not row.length:  # a row with nothing cached yet brings its prompt, without a tree
+            return DraftTree.empty()
+        tree = row.request.drafter.propose(row.ids)
+        if len(tree) and max(tree.depth) > self.target.max_length - row.length - row.pending.numel() - 1:
+            return DraftTree.empty()  # too close to the context limit to verify a tree
+        return tree
+
+    def step(self) -> list[tuple[Row, list[int]]]:
+        """One target forward for every live row: each row's newly committed ids (possibly none)."""
+        self._join()
+        if not self.live:
+            return []
+        target = self.target
+        trees = [self._tree(row) for row in self.live]
+        input_ids, pos, mask = batch_verify_inputs([row.pending for row in self.live], trees,
+                                                   [row.length for row in self.live], self.width, target.dtype)
+        hidden = target.hidden(input_ids, pos, self.cache, mask)
+        ms = [row.pending.numel() for row in self.live]
+        parts = [hidden[r, m - 1:m + len(t)] for r, (m, t) in enumerate(zip(ms, trees))]
+        logits = target.logits(parts[0] if len(parts) == 1 else torch.cat(parts)).split([len(x) for x in parts])
+        out, kept = [], []
+        for r, (row, tree, m) in enumerate(zip(self.live, trees, ms)):
+            req, st = row.request, row.stats
+            acc = _accept(tree, logits[r], req.sampling, req.rule, row.generator)
+            kept.append(list(range(m)) + [m + i for i in acc.path])
+            accepted = tree.tokens[acc.path].tolist() + [acc.next_token]
+            st.target_forwards += 1
+            st.drafted_tokens += len(tree)
+            st.accepted_lengths.append(len(acc.path))
+            new = accepted[:row.budget - st.new_tokens]
+            stop = next((i for i, t in enumerate(new) if t in target.eos_ids), None)
+            if stop is not None:
+                new = new[:stop + 1]
+            committed = hidden[r, kept[r]] if acc.path else hidden[r, :m]
+            req.drafter.observe(committed, row.ids[len(row.ids) - m + 1:] + accepted)
+            row.ids += new
+            st.new_tokens += len(new)
+            st.seconds = time.perf_counter() - row.started
+            row.finished = stop is not None or st.new_tokens >= row.budget
+            row.pending = torch.tensor([acc.next_token], dtype=torch.long, device=target.device)
+            out.append((row, new))
+        for row, length in zip(self.live, keep_paths(self.cache, [row.length for row in self.live], self.width,
+                                                     kept)):
+            row.length = length
+        self._leave([row for row in self.live if not row.finished])
+        return out
+
+
 def stream_tokens(target: Target, prompt_ids: list[int], drafter: Drafter | None = None,
                   sampling: Sampling = Sampling(), max_new_tokens: int = 256, stats: Stats | None = None,
                   rule: str = "auto", seed: int | None = None,
                   should_stop: Callable[[], bool] | None = None) -> Iterator[list[int]]:
-    """Yield the newly committed token ids after every target forward; fill `stats` as it goes.
-
-    rule "auto" is lossless (exact match when greedy, speculative sampling otherwise); "typical" is Medusa's
-    lossy typical acceptance and only differs when sampling.
-    """
-    stats = stats if stats is not None else Stats()
-    for new in stream_batch(target, [prompt_ids], [drafter or Drafter()], sampling, max_new_tokens, [stats], rule,
-                            seed, should_stop):
-        yield new[0]
-
-
-def _check(target: Target, prompts: Sequence[list[int]], drafters: Sequence[Drafter], rule: str) -> None:
-    if rule not in RULES:
-        raise ValueError(f"Unknown acceptance rule {rule!r}; choose one of {RULES}.")
-    if not prompts:
-        raise ValueError("No prompts given: give at least one.")
-    for i, ids in enumerate(prompts):
-        which = "The prompt" if len(prompts) == 1 else f"Prompt {i}"
-        if not ids:
-            raise ValueError(f"{which} is empty: give at least one token.")
-        if len(ids) >= target.max_length:
-            raise ValueError(f"{which} has {len(ids)} tokens but the target's context holds "
-                             f"{target.max_length}; shorten it.")
-    if isinstance(drafters, Drafter) or len(drafters) != len(prompts):
-        raise ValueError(f"Give one drafter per prompt ({len(prompts)}); drafters keep per-sequence state.")
-    if len({id(d) for d in drafters}) != len(drafters):
-        raise ValueError("The same drafter instance appears twice; give each prompt its own (e.g. a factory).")
+    """Yield the newly committed token ids after every target forward; fill `stats` as it goes."""
+    decoder = Decoder(target)
+    decoder.add(Request(prompt_ids, drafter or Drafter(), sampling, max_new_tokens, rule, seed), stats)
+    while decoder.busy and not (should_stop and should_stop()):
+        for _, new in decoder.step():
+            yield new
 
 
 def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequence[Drafter] | None = None,
                  sampling: Sampling = Sampling(), max_new_tokens: int = 256, stats: Sequence[Stats] | None = None,
                  rule: str = "auto", seed: int | None = None, should_stop: Callable[[], bool] | None = None,
                  max_batch: int | None = None) -> Iterator[list[list[int]]]:
-    """The decode loop for one or more sequences: after every target forward, yield each prompt's newly committed
-    ids (an empty list while it waits or once it has finished); fill `stats` (one Stats per prompt) as it goes.
-
-    All live sequences share ONE target forward per step: each brings its own pending tokens and draft tree,
-    and its own cache row whose valid length may differ from the others' (see `batch_verify_inputs`). Finished
-    sequences leave the batch; with `max_batch`, at most that many decode at once and waiting prompts join (their
-    prompt forward rides along with the others' step) as soon as rows free up. With a seed, sequence b samples
-    from its own generator seeded seed + b. Stats.seconds counts from the start of the whole batch.
+    """Decode several prompts together: after every target forward, yield each prompt's newly committed ids (an
+    empty list while it waits or once it has finished); fill `stats` (one Stats per prompt) as it goes. With a
+    seed, prompt b samples from its own generator seeded seed + b. See `Decoder` for how the batch is run.
     """
     drafters = [Drafter() for _ in prompts] if drafters is None else drafters
-    _check(target, prompts, drafters, rule)
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
     stats = [Stats() for _ in prompts] if stats is None else stats
+    if not prompts:
+        raise ValueError("No prompts given: give at least one.")
+    if isinstance(drafters, Drafter) or len(drafters) != len(prompts):
+        raise ValueError(f"Give one drafter per prompt ({len(prompts)}); drafters keep per-sequence state.")
     if len(stats) != len(prompts):
         raise ValueError(f"Give one Stats per prompt ({len(prompts)}), got {len(stats)}.")
-    device = target.device
-    ids = [list(p) for p in prompts]
-    pending = [torch.tensor(p, dtype=torch.long, device=device) for p in ids]
-    budgets = [min(max_new_tokens, target.max_length - len(p)) for p in ids]
-    generators = [None if seed is None else torch.Generator().manual_seed(seed + b) for b in range(len(ids))]
-    for drafter, p in zip(drafters, ids):
-        drafter.reset(p)
-    cache = DynamicCache()
-    limit = max_batch or len(ids)
-    waiting = [b for b in range(len(ids)) if budgets[b] > 0]  # sequences not in the cache yet, in order
-    live, lengths, width = [], [], 0  # sequences in the cache's rows, their valid lengths, the cache's columns
-    start = time.perf_counter()
-    while (live or waiting) and not (should_stop and should_stop()):
-        if waiting and len(live) < limit:
-            joining, waiting = waiting[:limit - len(live)], waiting[limit - len(live):]
-            add_rows(cache, len(joining))
-            live, lengths = live + joining, lengths + [0] * len(joining)
-        trees = []
-        for b, past in zip(live, lengths):  # a row with nothing cached yet brings its prompt, without a tree
-            tree = drafters[b].propose(ids[b], sampling, generators[b]) if past else DraftTree.empty()
-            if len(tree) and max(tree.depth) > target.max_length - past - pending[b].numel() - 1:
-                tree = DraftTree.empty()  # too close to the context limit to verify a tree
-            trees.append(tree)
-        input_ids, pos, mask = batch_verify_inputs([pending[b] for b in live], trees, lengths, width, target.dtype)
-        hidden = target.hidden(input_ids, pos, cache, mask)
-        ms = [pending[b].numel() for b in live]
-        rows = [hidden[r, m - 1:m + len(t)] for r, (m, t) in enumerate(zip(ms, trees))]
-        logits = target.logits(rows[0] if len(rows) == 1 else torch.cat(rows)).split([len(x) for x in rows])
-        out: list[list[int]] = [[] for _ in ids]
-        kept, stay = [], []
-        for r, (b, tree, m) in enumerate(zip(live, trees, ms)):
-            acc = _accept(tree, logits[r], sampling, rule, generators[b])
-            kept.append(list(range(m)) + [m + i for i in acc.path])
-            accepted = tree.tokens[acc.path].tolist() + [acc.next_token]
-            st = stats[b]
-            st.target_forwards += 1
-            st.drafted_tokens += len(tree)
-            st.accepted_lengths.append(len(acc.path))
-            new = accepted[:budgets[b] - st.new_tokens]
-            stop = next((i for i, t in enumerate(new) if t in target.eos_ids), None)
-            if stop is not None:
-                new = new[:stop + 1]
-            committed = hidden[r, kept[r]] if acc.path else hidden[r, :m]
-            drafters[b].observe(committed, ids[b][len(ids[b]) - m + 1:] + accepted)
-            ids[b] += new
-            st.new_tokens += len(new)
-            st.seconds = time.perf_counter() - start
-            out[b] = new
-            if stop is None and st.new_tokens < budgets[b]:
-                stay.append(r)
-                pending[b] = torch.tensor([acc.next_token], dtype=torch.long, device=device)
-        lengths = keep_paths(cache, lengths, width, kept)
-        if len(stay) < len(live):
-            live, lengths = [live[r] for r in stay], [lengths[r] for r in stay]
-            drop_rows(cache, stay, max(lengths, default=0))
-        width = max(lengths, default=0)
+    for b, ids in enumerate(prompts):
+        check_prompt(target, ids, "The prompt" if len(prompts) == 1 else f"Prompt {b}")
+    decoder = Decoder(target, max_batch)
+    index = {}
+    for b, (ids, drafter, st) in enumerate(zip(prompts, drafters, stats)):
+        request = Request(ids, drafter, sampling, max_new_tokens, rule, None if seed is None else seed + b)
+        index[id(decoder.add(request, st))] = b
+    while decoder.busy and not (should_stop and should_stop()):
+        out: list[list[int]] = [[] for _ in prompts]
+        for row, new in decoder.step():
+            out[index[id(row)]] = new
         yield out
 
 
+class TextStream:
+    """Turns committed token ids into text pieces, holding back incomplete multi-byte characters.
+
+    Only the tokens since the last emitted piece boundary are decoded again, so a long answer costs linear time.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target, self.tokens, self.shown = target, [], ""
+
+    def feed(self, new: list[int]) -> str:
+        self.tokens += new
+        text = self.target.decode(self.tokens)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        if len(self.tokens) > 8:  # keep a few tokens of context: tokenizers merge spaces across tokens
+            self.tokens, self.shown = self.tokens[-4:], self.target.decode(self.tokens[-4:])
+        return piece
+
+    def flush(self) -> str:
+        text = self.target.decode(self.tokens)
+        piece = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return piece
+
+
 def stream_text(target: Target, token_stream: Iterator[list[int]]) -> Iterator[str]:
-    """Turn a token stream into text pieces, holding back incomplete multi-byte characters."""
-    tokens: list[int] = []
-    shown = ""
+    """Text pieces of a token stream (see TextStream)."""
+    text = TextStream(target)
     for new in token_stream:
-        tokens += new
-        text = target.decode(tokens)
-        if text.endswith("\ufffd"):
-            continue
-        if text.startswith(shown):
-            piece, shown = text[len(shown):], text
-            if piece:
-                yield piece
-    text = target.decode(tokens)
-    if text.startswith(shown) and len(text) > len(shown):
-        yield text[len(shown):]
+        if piece := text.feed(new):
+            yield piece
+    if piece := text.flush():
+        yield piece
 
 
 def _prompt_ids(target: Target, prompt: str | list[dict] | list[int]) -> list[int]:

@@ -1,9 +1,10 @@
 """The drafter interface. The base class proposes an empty tree, which makes the decode loop plain decoding."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from koala.acceptance import Sampling
 from koala.tree import DraftTree
 
 
@@ -18,10 +19,14 @@ class Drafter:
 
     name = "vanilla"
 
+    def fork(self) -> Drafter:
+        """A drafter with the same settings (sharing weights) for another sequence decoding at the same time."""
+        return copy.copy(self)  # per-sequence state is (re)made by `reset`
+
     def reset(self, prompt_ids: list[int]) -> None:
         """Forget everything about the previous generation."""
 
-    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+    def propose(self, ids: list[int]) -> DraftTree:
         """A tree continuing `ids` (all committed tokens, ending with the one not yet verified)."""
         return DraftTree.empty()
 

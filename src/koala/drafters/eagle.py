@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache
 
-from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
 from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
 from koala.heads.eagle import EagleHead
@@ -82,7 +81,7 @@ class EagleDrafter(Drafter):
         return self._children(out, k)
 
     @torch.inference_mode()
-    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+    def propose(self, ids: list[int]) -> DraftTree:
         if self.root is None:
             return DraftTree.empty()
         try:

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
 from koala.tree import DraftTree
 
@@ -36,6 +35,11 @@ class GatedDrafter(Drafter):
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def fork(self) -> GatedDrafter:
+        new = super().fork()
+        new.inner = self.inner.fork()
+        return new
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.inner.reset(prompt_ids)
@@ -80,7 +84,7 @@ class GatedDrafter(Drafter):
             return False
         return True  # a plain stretch ended: probe drafting once
 
-    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+    def propose(self, ids: list[int]) -> DraftTree:
         now = self.clock()
         self._record(now)
         self.drafting = self._choose()
@@ -89,7 +93,7 @@ class GatedDrafter(Drafter):
             if self.buffer:  # the plain steps' deferred head work: not charged to this drafted step
                 self._flush()
                 now = self.clock()
-            tree = self.inner.propose(ids, sampling, generator)
+            tree = self.inner.propose(ids)
         else:
             self.plain_steps += 1
             tree = DraftTree.empty()

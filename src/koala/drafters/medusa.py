@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import torch
 
-from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
 from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
 from koala.heads.medusa import MedusaHead
@@ -48,7 +47,7 @@ class MedusaDrafter(Drafter):
         return tokens.expand(len(nodes), k), top.values.cpu().expand(len(nodes), k)
 
     @torch.inference_mode()
-    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+    def propose(self, ids: list[int]) -> DraftTree:
         if self.logp is None:
             return DraftTree.empty()
         return grow(self.paths, self._expand, self.depth, self.top_k, self.total_tokens)

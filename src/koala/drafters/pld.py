@@ -4,9 +4,7 @@ Free to run (no model), and strong on tasks that copy from the prompt (summarisa
 """
 from __future__ import annotations
 
-import torch
 
-from koala.acceptance import Sampling
 from koala.drafters.base import Drafter
 from koala.tree import DraftTree
 
@@ -29,5 +27,5 @@ class PromptLookupDrafter(Drafter):
             raise ValueError("need 1 <= min_ngram <= max_ngram and num_tokens >= 1")
         self.max_ngram, self.num_tokens, self.min_ngram = max_ngram, num_tokens, min_ngram
 
-    def propose(self, ids: list[int], sampling: Sampling, generator: torch.Generator | None = None) -> DraftTree:
+    def propose(self, ids: list[int]) -> DraftTree:
         return DraftTree.chain(lookup(ids, self.max_ngram, self.num_tokens, self.min_ngram))
