@@ -221,3 +221,16 @@ def test_batches_with_nothing_to_learn_are_skipped_and_counted(llama_target, tmp
         manifest = train(llama_target, cache, tmp_path / head, small_cfg(head, max_steps=12, batch_size=1,
                                                                           max_seq_len=8), progress=False)
         assert manifest["steps"] == 12 and manifest["empty_batches"] > 0
+
+
+def test_init_starts_from_a_saved_head_and_keeps_its_vocabulary(llama_target, tmp_path):
+    cache = _teacher_forced_cache(llama_target, tmp_path)
+    first = train(llama_target, cache, tmp_path / "a", small_cfg(max_steps=3, draft_vocab=30), progress=False)
+    before = load_head(first["head_dir"], llama_target)
+    cfg = small_cfg(max_steps=1, draft_vocab=50, lr=1e-30, warmup=0, init=first["head_dir"])
+    after = load_head(train(llama_target, cache, tmp_path / "b", cfg, progress=False)["head_dir"], llama_target)
+    assert after.cfg.draft_vocab == before.cfg.draft_vocab
+    for (name, a), b in zip(after.state_dict().items(), before.state_dict().values()):
+        assert torch.allclose(a, b), name
+    with pytest.raises(ValueError, match="K=2"):
+        train(llama_target, cache, tmp_path / "c", small_cfg(layers=1, init=first["head_dir"]), progress=False)

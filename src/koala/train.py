@@ -61,6 +61,7 @@ class TrainConfig:
     save_every: int = 100
     max_minutes: float | None = None  # stop early (with a checkpoint and a final head) after this long
     bf16: bool = False  # bf16 autocast on CPU too (always on CUDA); ~2x faster where the CPU has AMX/AVX512-BF16
+    init: str | None = None  # a saved head of the same kind and K to start from (its draft vocabulary too)
 
     def __post_init__(self) -> None:
         if self.head not in ("medusa", "eagle"):
@@ -449,6 +450,19 @@ def evaluate(head, source, batches: list[list], vocab: DraftVocab, cfg: TrainCon
             **{f"acc@{i + 1}": (c / n if n else 0.0) for i, (c, n) in enumerate(acc)}}
 
 
+def _init_head(cfg: TrainConfig, target):
+    """The head `cfg.init` names, checked to be the kind, K and head count this run trains."""
+    from koala.heads.checkpoint import load_head
+
+    init = load_head(cfg.init, target)
+    got = (init.cfg.kind, init.cfg.layers, init.cfg.num_heads if cfg.head == "medusa" else None)
+    want = (cfg.head, cfg.layers, cfg.num_heads if cfg.head == "medusa" else None)
+    if got != want:
+        raise ValueError(f"--init {cfg.init} is a {got[0]} head with K={got[1]}, but this run trains a {want[0]} "
+                         f"head with K={want[1]}" + (f" and {want[2]} heads" if want[2] else "") + ".")
+    return init.float()
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -497,8 +511,11 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         eval_idx = split_indices(len(eval_source), cfg.eval_sequences)[1] if len(eval_source) > cfg.eval_sequences \
             else list(range(len(eval_source)))
     vocab_size = int(target.config.vocab_size)
+    init = None if resuming or not cfg.init else _init_head(cfg, target)
     if resuming:
         draft_vocab = saved["draft_vocab"]
+    elif init is not None:
+        draft_vocab = init.cfg.draft_vocab
     elif cfg.draft_vocab:
         from koala.heads import draft_vocab_from_counts
 
@@ -508,7 +525,10 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         draft_vocab = None
     eval_coverage = coverage(greedy_counts(eval_source, eval_idx, vocab_size), draft_vocab)
     hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab)
-    head = build_head(hcfg, target).to(device).float().train()
+    head = build_head(hcfg, target)
+    if init is not None:
+        head.load_state_dict(init.state_dict())
+    head = head.to(device).float().train()
     params = [p for p in head.parameters() if p.requires_grad]
     opt_h = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     vocab = DraftVocab.build(target, draft_vocab, device)
@@ -731,7 +751,8 @@ def config_from_args(args) -> TrainConfig:
                        max_steps=args.max_steps, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                        lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, seed=args.seed,
                        eval_sequences=args.eval_sequences, eval_every=args.eval_every, log_every=args.log_every,
-                       save_every=args.save_every, max_minutes=args.max_minutes, bf16=args.bf16, noise=args.noise)
+                       save_every=args.save_every, max_minutes=args.max_minutes, bf16=args.bf16, noise=args.noise,
+                       init=args.init)
 
 
 def _run(args) -> int:
@@ -767,6 +788,8 @@ def add_command(sub) -> None:
                         "(default: a fixed split of --data)")
     p.add_argument("--out", required=True, help="run directory (checkpoint/, metrics, head/, manifest.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--init", default=None,
+                   help="start from this saved head (same --head and --layers; its draft vocabulary is kept)")
     p.add_argument("--num-heads", type=positive_int, default=4, help="Medusa heads")
     p.add_argument("--unroll", type=non_negative_int, default=2,
                    help="EAGLE: training steps on its own predicted features")
