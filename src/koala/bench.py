@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from koala.acceptance import Sampling
-from koala.args import non_negative_float, non_negative_int, positive_int, probability
+from koala.args import (add_target_args, non_negative_float, non_negative_int, positive_int, probability,
+    target_from_args)
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target
@@ -384,7 +385,6 @@ def _device_name(device: torch.device) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from koala.cli import target_from_args
 
     specs = [parse_method(m) for m in args.method]
     if args.threads:
@@ -402,7 +402,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.cli import add_target_args
 
     p = sub.add_parser("bench", help="Spec-Bench-style speed benchmark of decoding methods vs vanilla decoding")
     p.add_argument("--questions", required=True, help="MT-bench-form JSONL file (question_id, category, turns)")

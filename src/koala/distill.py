@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koala.args import add_target_args, non_negative_float, non_negative_int, positive_int, target_from_args
 from koala.atomic import write_json_atomic, write_text_atomic
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
 from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, tokenize_conversation, write_shard
@@ -337,7 +338,6 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
 
 
 def _run(args) -> int:
-    from koala.cli import target_from_args
 
     target = target_from_args(args)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
@@ -354,8 +354,6 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.args import non_negative_float, non_negative_int, positive_int
-    from koala.cli import add_target_args
 
     p = sub.add_parser("distill", help="the target answers a chat dataset; text + hidden states kept (resumable)")
     p.add_argument("--data", required=True, help="ShareGPT JSON/JSONL(.gz), MT-bench or Spec-Bench question file")

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from koala.args import add_target_args, target_from_args
 from koala.atomic import atomic_dir
 from koala.heads.checkpoint import CONFIG, WEIGHTS, build_head, check_compatible, load_head, read_config
 from koala.heads.config import HeadConfig
@@ -259,7 +260,6 @@ def import_head(path: str | Path, target) -> torch.nn.Module:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from koala.cli import target_from_args
 
     dtype = getattr(torch, args.weights_dtype) if args.weights_dtype else None
     notes = export_head(args.head, args.format, args.out, target_from_args(args), dtype, args.force)
@@ -270,7 +270,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.cli import add_target_args
 
     p = sub.add_parser("export", help="write a trained head in the layout vLLM or SGLang loads")
     p.add_argument("--head", required=True, help="a koala head directory (config.json + model.safetensors)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koala.args import add_target_args, positive_int, target_from_args
 from koala.atomic import atomic_dir, write_json_atomic
 from koala.data import ReadStats, read_conversations
 
@@ -393,7 +394,6 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
 
 
 def _run(args) -> int:
-    from koala.cli import target_from_args
 
     target = target_from_args(args)
     manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens,
@@ -403,8 +403,6 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.args import positive_int
-    from koala.cli import add_target_args
 
     p = sub.add_parser("cache", help="store the target's hidden states over distilled data for head training")
     p.add_argument("--data", required=True, help="distilled conversations (JSONL from `koala distill`)")

@@ -22,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from koala.acceptance import Sampling
-from koala.args import non_negative_int, port, positive_float, positive_int
+from koala.args import (add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, non_negative_int,
+    port, positive_float, positive_int, sampling_from_args, target_from_args)
 from koala.decode import Decoder, Request, Row, Stats, TextStream
 from koala.drafters.base import Drafter
 from koala.target import Target
@@ -269,7 +270,6 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise RuntimeError("`koala serve` needs FastAPI and uvicorn: pip install 'koala[serve]'") from e
 
-    from koala.cli import drafter_from_args, sampling_from_args, target_from_args
 
     if not _is_loopback(args.host) and not args.api_key:
         print(f"koala: warning: binding {args.host} without --api-key: anyone who can reach this address can use "
@@ -298,7 +298,6 @@ def uvicorn_server(app, **config):
 
 
 def add_command(sub) -> None:
-    from koala.cli import add_drafter_args, add_sampling_args, add_target_args
 
     d = Limits()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")

@@ -26,6 +26,8 @@ import torch
 from torch.nn import functional as F
 
 from koala.adversarial import AdvConfig, Discriminator, Draft, d_loss, g_loss
+from koala.args import (add_target_args, non_negative_float, non_negative_int, positive_float, positive_int,
+                        target_from_args)
 from koala.atomic import atomic_dir
 from koala.hidden_cache import Batch, HiddenCache, OnlineSource
 
@@ -758,7 +760,6 @@ def config_from_args(args) -> TrainConfig:
 def _run(args) -> int:
     from accelerate import Accelerator
 
-    from koala.cli import target_from_args
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = str(accelerator.device) if accelerator.num_processes > 1 else args.device
@@ -774,8 +775,6 @@ def _run(args) -> int:
 
 
 def add_command(sub) -> None:
-    from koala.args import non_negative_float, non_negative_int, positive_float, positive_int
-    from koala.cli import add_target_args
 
     p = sub.add_parser("train", help="train a Medusa/EAGLE draft head (optionally KOALA adversarial)")
     p.add_argument("--head", choices=["medusa", "eagle"], required=True)
