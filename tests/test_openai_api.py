@@ -20,7 +20,8 @@ from koala.drafters.factory import drafter_for_head
 from koala.heads import HeadConfig, save_head
 from koala.heads.checkpoint import build_head
 from koala.openai_api import create_app
-from koala.serve import Limits, uvicorn_server
+from koala.engine import Limits
+from koala.serve import uvicorn_server
 
 MAX_TOKENS = 16
 CHAT = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w5 w6 w7 w5 w6"}]

@@ -12,7 +12,8 @@ from koala.acceptance import Sampling
 from koala.cli import main
 from koala.decode import generate
 from koala.drafters import PromptLookupDrafter
-from koala.serve import Engine, Job, StopScanner, _is_loopback
+from koala.engine import Engine, Job, StopScanner
+from koala.serve import _is_loopback
 
 
 def scan(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

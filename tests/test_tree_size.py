@@ -1,7 +1,7 @@
 import pytest
 
-from koala import tree_size
-from koala.tree_size import best_size, choose_total_tokens, latency_profile
+from koala.drafters import tree_size
+from koala.drafters.tree_size import best_size, choose_total_tokens, latency_profile
 
 
 def test_best_size_follows_the_hardware():

@@ -24,7 +24,7 @@ from koala.args import (add_target_args, non_negative_float, non_negative_int, p
     target_from_args)
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
-from koala.target import Target
+from koala.target import Target, device_name, sync
 
 BASELINE = "vanilla"
 BUILTIN = ("vanilla", "hf-generate", "hf-prompt-lookup", "pld")
@@ -99,10 +99,10 @@ def parse_method(text: str) -> MethodSpec:
 def _koala_runner(target: Target, drafter: Drafter) -> Runner:
     def run(ids: list[int], sampling: Sampling, max_new: int, seed: int | None) -> Run:
         stats = Stats()
-        _sync(target.device)
+        sync(target.device)
         start = time.perf_counter()
         tokens = [t for new in stream_tokens(target, ids, drafter, sampling, max_new, stats, seed=seed) for t in new]
-        _sync(target.device)
+        sync(target.device)
         return Run(tokens, time.perf_counter() - start, stats.target_forwards, list(stats.accepted_lengths))
 
     return run
@@ -130,10 +130,10 @@ def _hf_runner(target: Target, extra: dict) -> Runner:
         forwards[0] = 0
         hook = model.register_forward_hook(count)
         try:
-            _sync(target.device)
+            sync(target.device)
             start = time.perf_counter()
             out = model.generate(x, **kw)
-            _sync(target.device)
+            sync(target.device)
             seconds = time.perf_counter() - start
         finally:
             hook.remove()
@@ -159,11 +159,6 @@ def build_runner(spec: MethodSpec, target: Target) -> Runner:
     drafter = drafter_for_head(spec.path, target, tree=o.get("tree"), depth=o.get("depth"), top_k=o.get("top_k"),
                                total_tokens=o.get("total_tokens", "auto"), gate=o.get("gate", True))
     return _koala_runner(target, drafter)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_questions(path: str | Path, limit_per_category: int | None = None) -> tuple[list[dict], int]:
@@ -358,7 +353,7 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
     if not raw[BASELINE]:
         raise ValueError(f"No question of {questions_file} could be answered: {skipped}")
     summary = {
-        "device": _device_name(target.device), "target": target.name,
+        "device": device_name(target.device), "target": target.name,
         "settings": {"questions_file": str(questions_file), "questions": len(questions),
                      "malformed_lines": malformed, "skipped_questions": skipped,
                      "limit_per_category": limit_per_category,
@@ -374,14 +369,6 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
 
     write_plots(summary, raw, out)
     return summary
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _bench(args: argparse.Namespace) -> int:

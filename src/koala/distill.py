@@ -233,11 +233,9 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
     """Run (or resume) self-distillation of `data` into the directory `out`."""
     from tqdm import tqdm
 
-    from koala.heads.config import target_identity
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ident = target_identity(target)
+    ident = target.identity
     old, done = _resume(out)
     if old is not None and old["target"]["lm_head_sha256"] != ident["lm_head_sha256"]:
         raise ValueError(f"{out} was distilled from another target ({old.get('target_name')}); use a new --out.")

@@ -324,15 +324,13 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
     """
     from tqdm import tqdm
 
-    from koala.heads.config import target_identity
-
     out = Path(out)
     old = None
     if (out / MANIFEST).exists():
         if not append:
             raise ValueError(f"{out} already holds a cache; pass a new --out, --append, or delete it.")
         old = json.loads((out / MANIFEST).read_text())
-        if old["target"]["lm_head_sha256"] != target_identity(target)["lm_head_sha256"]:
+        if old["target"]["lm_head_sha256"] != target.identity["lm_head_sha256"]:
             raise ValueError(f"{out} was built from another target ({old.get('target_name')}); cannot append.")
         if old["max_length"] != max_length:
             raise ValueError(f"{out} uses max_length {old['max_length']}; append with the same --max-length.")
@@ -380,7 +378,7 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
     for k, v in stats.skipped.items():
         skipped[k] = skipped.get(k, 0) + v
     manifest = {
-        "format": FORMAT, "source": str(data), "target": target_identity(target), "target_name": target.name,
+        "format": FORMAT, "source": str(data), "target": target.identity, "target_name": target.name,
         "hidden_size": int(target.config.hidden_size), "dtype": "float16", "max_length": max_length,
         "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
         "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,

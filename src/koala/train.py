@@ -729,13 +729,12 @@ def plot_metrics(metrics: Path, png: Path) -> None:
 
 def source_from_paths(target, data: list[str], max_length: int):
     """Cache directories (read as one), or one distilled JSONL (then the target runs in the loop: online mode)."""
-    from koala.heads.config import target_identity
     from koala.hidden_cache import TokenStats, tokenize_file
 
     paths = [Path(d) for d in data]
     if all(p.is_dir() for p in paths):
         cache = HiddenCache(paths)
-        if cache.target.get("lm_head_sha256") != target_identity(target)["lm_head_sha256"]:
+        if cache.target.get("lm_head_sha256") != target.identity["lm_head_sha256"]:
             raise ValueError(f"The cache {paths[0]} was built from another target "
                              f"({cache.manifest.get('target_name')}); pass the same --target or rebuild the cache.")
         return cache

@@ -37,7 +37,7 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
     gate=True wraps it in GatedDrafter: it drafts only while measured drafting throughput beats plain decoding.
 
     total_tokens "auto" (or None) times the target on this device and picks the tree size with the best expected
-    throughput (see koala.tree_size); it is ignored for chains, whose size is the depth.
+    throughput (see koala.drafters.tree_size); it is ignored for chains, whose size is the depth.
     """
     head = load_head(path, target)
     kind = head.cfg.kind
@@ -54,7 +54,7 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
     if tree == "chain":
         size = None
     elif total_tokens in (None, "auto"):
-        from koala.tree_size import choose_total_tokens
+        from koala.drafters.tree_size import choose_total_tokens
 
         size = choose_total_tokens(target, depth, top_k, acceptance, _max_nodes(tree, depth, top_k))
     else:

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from koala.atomic import atomic_dir
-from koala.heads.config import HeadConfig, target_identity
+from koala.heads.config import HeadConfig
 from koala.heads.eagle import EagleHead
 from koala.heads.medusa import MedusaHead
 
@@ -66,7 +66,7 @@ def read_config(path: str | Path) -> tuple[HeadConfig, dict]:
 
 def check_compatible(cfg: HeadConfig, target, where: str = "the head") -> None:
     """Raise ValueError naming both sides when the head was trained for another target."""
-    mine, theirs = cfg.target, target_identity(target)
+    mine, theirs = cfg.target, target.identity
     for key in ("architecture", "hidden_size", "vocab_size", "lm_head_sha256"):
         if mine.get(key) != theirs[key]:
             raise ValueError(f"{where} was trained for a target with {key} {mine.get(key)!r}, but the target "

@@ -5,43 +5,17 @@ a different target: its features and vocabulary would not mean the same thing th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from koala.target import Target, model_identity
+
 KINDS = ("medusa", "eagle")
-def lm_head_sha256(weight: torch.Tensor) -> str:
-    """sha256 of the LM head weights rounded to bfloat16 and stored as fp32 bytes.
-
-    Rounding to bf16 first makes the hash the same whether the target was loaded in fp32 or bf16 (CPU vs GPU).
-    Memoised on the tensor itself (per in-place version), because hashing a 49152x576 matrix takes a few hundred
-    ms; a memo keyed by address would hand a freed tensor's hash to a new tensor at the same address.
-    """
-    memo = getattr(weight, "_koala_sha256", None)
-    if memo is None or memo[0] != weight._version:
-        data = weight.detach().to(torch.bfloat16).float().cpu().contiguous()
-        memo = (weight._version, hashlib.sha256(data.numpy().tobytes()).hexdigest())
-        weight._koala_sha256 = memo
-    return memo[1]
-
-
 def _hf_model(target) -> torch.nn.Module:
     """The Hugging Face CausalLM behind a koala Target (or the model itself when given one)."""
-    from koala.target import Target
-
     return target.model if isinstance(target, Target) else target
-
-
-def target_identity(target) -> dict:
-    """The fields a head checks before it is used with `target` (a koala Target or an HF CausalLM)."""
-    model = _hf_model(target)
-    cfg = model.config
-    archs = getattr(cfg, "architectures", None) or [type(model).__name__]
-    return {"architecture": archs[0], "hidden_size": int(cfg.hidden_size),
-            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
-            "lm_head_sha256": lm_head_sha256(model.get_output_embeddings().weight)}
 
 
 @dataclass
@@ -81,7 +55,7 @@ class HeadConfig:
                    own_lm_head: bool = False) -> "HeadConfig":
         """A config for a new head on `target` (a koala Target or an HF CausalLM)."""
         model = _hf_model(target)
-        ident = target_identity(model)
+        ident = model_identity(model)
         # through JSON once, so a config read back from disk compares equal (e.g. int keys become strings)
         tcfg = json.loads(json.dumps(model.config.to_dict())) if kind == "eagle" else None
         return cls(kind=kind, layers=layers, hidden_size=ident["hidden_size"], vocab_size=ident["vocab_size"],

@@ -10,40 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from koala.drafters.trees import expected_accepted
-from koala.heads.config import lm_head_sha256
-from koala.target import Target, cache_dir
+from koala.target import Target, cache_dir, device_name, sync
 from koala.tree import DraftTree, verify_inputs
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens the timed verify forwards attend to
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type}-{platform.machine()}-{platform.processor() or 'cpu'}-{torch.get_num_threads()}threads"
-
-
 def _profile_file(target: Target, sizes: Sequence[int]) -> Path:
     cfg = target.config
     key = json.dumps([device_name(target.device), target.name, type(target.model).__name__,
-                      cfg.hidden_size, cfg.num_hidden_layers, str(target.dtype), lm_head_sha256(target.lm_head.weight),
+                      cfg.hidden_size, cfg.num_hidden_layers, str(target.dtype), target.identity["lm_head_sha256"],
                       CONTEXT, list(sizes)])
     return cache_dir() / "tree_size" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -69,10 +56,10 @@ def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeat
     best = {n: float("inf") for n in inputs}
     for rep in range(repeats + 1):  # round 0 warms up kernels and allocators
         for n, (ids, pos, mask) in inputs.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             target.logits(target.hidden(ids, pos, cache, mask)[0])
-            _sync(device)
+            sync(device)
             if rep:
                 best[n] = min(best[n], time.perf_counter() - start)
             cache.crop(context - cache.get_seq_length())  # negative = tokens to drop
