@@ -19,7 +19,8 @@ import torch
 from koala.adversarial import AdvConfig
 from koala.hidden_cache import HiddenCache
 from koala.target import load_target
-from koala.train import BatchStream, TrainConfig, split_indices, train, windows
+from koala.train import TrainConfig, train
+from koala.train.data import BatchStream, split_indices, windows
 
 
 def bench_train(target, cache, spec: str, steps: int, batch: int, draft_vocab: int, seq_len: int,

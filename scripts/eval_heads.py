@@ -10,10 +10,13 @@ import json
 
 import torch
 
-from koala.heads import load_head
+from koala.heads.checkpoint import load_head
 from koala.hidden_cache import HiddenCache
 from koala.target import load_target
-from koala.train import DraftVocab, TrainConfig, coverage, evaluate, greedy_counts, split_indices, windows
+from koala.losses import DraftVocab
+from koala.train import TrainConfig
+from koala.train.data import coverage, greedy_counts, split_indices, windows
+from koala.train.loop import evaluate
 
 
 def main() -> None:

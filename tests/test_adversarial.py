@@ -53,8 +53,8 @@ def test_lambda_schedule_and_validation():
 
 
 def test_blowups_are_skipped_logged_and_halve_lambda(llama_target, tmp_path, monkeypatch):
-    import koala.train as kt
-    from koala.heads import load_head
+    import koala.train.loop as kt
+    from koala.heads.checkpoint import load_head
     from koala.hidden_cache import OnlineSource
 
     calls = {"n": 0}

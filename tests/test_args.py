@@ -26,7 +26,7 @@ def test_bad_numbers_are_refused_with_the_flag_named(argv, flag, capsys):
 
 def test_depth_zero_never_becomes_the_default(llama_target, tmp_path):
     from koala.drafters.factory import drafter_for_head
-    from koala.heads import save_head
+    from koala.heads.checkpoint import save_head
     from test_drafters_medusa import random_head
 
     save_head(random_head(llama_target, "eagle", 1), tmp_path / "e")
@@ -48,3 +48,21 @@ def test_an_unwritable_output_is_one_sentence_and_leaves_no_temp_folders(saved_t
     err = capsys.readouterr().err
     assert rc == 2 and "cannot write" in err and str(blocker) in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jsonl"]
+
+
+def test_train_flags_are_the_config_fields_with_their_defaults():
+    from dataclasses import fields
+
+    from koala.adversarial import AdvConfig
+    from koala.train import TrainConfig
+    from koala.train.cli import config_from_args
+
+    args = build_parser().parse_args(["train", "--head", "eagle", "--data", "d", "--out", "o"])
+    assert config_from_args(args) == TrainConfig(head="eagle")
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert {f.name for f in fields(TrainConfig)} - {"adv"} <= flags
+    assert {"adv_" + f.name for f in fields(AdvConfig)} <= flags
+    args = build_parser().parse_args(["train", "--head", "medusa", "--data", "d", "--out", "o", "--d-steps", "3",
+                                      "--adv-features", "--min-lr-ratio", "0.5", "--draft-vocab", "0"])
+    cfg = config_from_args(args)
+    assert (cfg.adv.d_steps, cfg.adv.use_features, cfg.min_lr_ratio, cfg.draft_vocab) == (3, True, 0.5, None)

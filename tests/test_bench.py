@@ -9,7 +9,7 @@ from test_drafters_medusa import random_head
 
 from koala.bench import load_questions, parse_method
 from koala.cli import main
-from koala.heads import save_head
+from koala.heads.checkpoint import save_head
 
 QUESTIONS = [
     {"question_id": 1, "category": "copy", "turns": ["w5 w6 w7 w8 w5 w6 w7 w8 w5 w6", "w9 w10 w9 w10"]},

@@ -9,7 +9,7 @@ from test_drafters_medusa import random_head
 from koala.demo import pick_drafter, run_demo, table
 from koala.drafters import PromptLookupDrafter
 from koala.drafters.eagle import EagleDrafter
-from koala.heads import save_head
+from koala.heads.checkpoint import save_head
 
 PROMPTS = [("copy", "w5 w6 w7 w8 w5 w6 w7 w8 w5 w6"), ("plain", "w40 w41 w42")]
 

@@ -5,7 +5,7 @@ from koala.drafters.eagle import EagleDrafter
 from koala.drafters.factory import drafter_for_head
 from koala.drafters.gate import GatedDrafter
 from koala.drafters.medusa import MedusaDrafter
-from koala.heads import save_head
+from koala.heads.checkpoint import save_head
 from test_drafters_medusa import PROMPT, random_head
 
 
@@ -14,10 +14,10 @@ def test_defaults_per_head_kind(llama_target, tmp_path):
     save_head(random_head(llama_target, "eagle", 1), tmp_path / "e", extra={"acceptance": [0.8, 1.0]})
     medusa = drafter_for_head(tmp_path / "m", llama_target, total_tokens="6")
     assert isinstance(medusa, GatedDrafter) and isinstance(medusa.inner, MedusaDrafter)  # gated by default
-    assert medusa.kind == "static" and medusa.depth == 3
+    assert medusa.tree == "static" and medusa.depth == 3
     assert len(medusa.paths) == 6
     eagle = drafter_for_head(tmp_path / "e", llama_target, total_tokens=5, gate=False)
-    assert isinstance(eagle, EagleDrafter) and eagle.kind == "dynamic" and eagle.total_tokens == 5
+    assert isinstance(eagle, EagleDrafter) and eagle.tree == "dynamic" and eagle.total_tokens == 5
     chain = drafter_for_head(tmp_path / "e", llama_target, tree="chain", depth=2)
     assert chain.paths == [(0,), (0, 0)]
     vanilla = generate(llama_target, PROMPT, max_new_tokens=12)

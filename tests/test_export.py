@@ -11,7 +11,8 @@ from koala.decode import generate
 from koala.drafters.eagle import EagleDrafter
 from koala.drafters.medusa import MedusaDrafter
 from koala.export import export_head, import_head
-from koala.heads import HeadConfig, load_head, save_head
+from koala.heads import HeadConfig
+from koala.heads.checkpoint import load_head, save_head
 from koala.heads.checkpoint import build_head
 
 K = 2  # layers per head in these tests

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_target
-from koala.heads import HeadConfig, load_head, save_head
+from koala.heads import HeadConfig
+from koala.heads.checkpoint import load_head, save_head
 from koala.heads.checkpoint import build_head
 
 
@@ -79,7 +80,8 @@ def test_config_disagreeing_with_weights_fails_before_allocating(llama_target, t
     """A config claiming 100,000 layers is refused from the weight file's header, before any parameter exists."""
     import json
 
-    from koala.heads import HeadConfig, load_head, save_head
+    from koala.heads import HeadConfig
+    from koala.heads.checkpoint import load_head, save_head
     from koala.heads.checkpoint import build_head
 
     for kind, key in (("eagle", "layers"), ("medusa", "num_heads")):
@@ -95,7 +97,8 @@ def test_config_disagreeing_with_weights_fails_before_allocating(llama_target, t
 def test_non_finite_weights_are_refused(llama_target, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from koala.heads import HeadConfig, load_head, save_head
+    from koala.heads import HeadConfig
+    from koala.heads.checkpoint import load_head, save_head
     from koala.heads.checkpoint import build_head
 
     d = save_head(build_head(HeadConfig.for_target(llama_target, "medusa", 1, num_heads=2), llama_target),

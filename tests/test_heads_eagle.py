@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from koala.heads import EagleHead, HeadConfig
+from koala.heads.checkpoint import build_head
 
 
 def _head(target, layers=2, **kw):
@@ -57,4 +58,4 @@ def test_eagle_config_needs_the_target_config(llama_target):
     cfg = HeadConfig.for_target(llama_target, "eagle", 1).to_dict()
     cfg["target_config"] = None
     with pytest.raises(ValueError, match="target's config"):
-        HeadConfig.from_dict(cfg)
+        build_head(HeadConfig.from_dict(cfg), llama_target)

@@ -17,7 +17,8 @@ from conftest import tiny_target
 from koala.decode import generate
 from koala.drafters import PromptLookupDrafter
 from koala.drafters.factory import drafter_for_head
-from koala.heads import HeadConfig, save_head
+from koala.heads import HeadConfig
+from koala.heads.checkpoint import save_head
 from koala.heads.checkpoint import build_head
 from koala.openai_api import create_app
 from koala.engine import Limits

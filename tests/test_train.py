@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from koala.adversarial import AdvConfig
-from koala.heads import load_head
+from koala.heads.checkpoint import load_head
 from koala.hidden_cache import HiddenCache, OnlineSource, TokenStats, build_cache, tokenize_file
-from koala.train import DraftVocab, TrainConfig, head_step, split_indices, train, unroll_mask, windows
+from koala.losses import DraftVocab, unroll_mask
+from koala.train import TrainConfig, train
+from koala.train.data import split_indices, windows
+from koala.train.loop import head_step
 
 
 def distilled(tmp_path, target, n=24, reply=12):
@@ -155,7 +158,7 @@ def test_build_cache_stores_the_target_argmax(llama_target, tmp_path):
 
 
 def test_draft_vocab_comes_from_the_target_argmax_and_reports_coverage(llama_target, tmp_path):
-    from koala.train import coverage, greedy_counts
+    from koala.train.data import coverage, greedy_counts
 
     cache = _teacher_forced_cache(llama_target, tmp_path)
     counts = greedy_counts(cache, list(range(len(cache))), llama_target.config.vocab_size)
@@ -187,7 +190,7 @@ def test_windows_train_every_cached_token():
 
 
 def test_labels_are_fp32_under_bf16_autocast(llama_target):
-    from koala.train import Labels
+    from koala.losses import Labels
 
     vocab = DraftVocab.build(llama_target, None, "cpu")
     h = torch.randn(2, 5, llama_target.config.hidden_size)

@@ -15,27 +15,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from koala.args import non_negative_float, non_negative_int, option, positive_float, positive_int
+
 LOSSES = ("nonsaturating", "hinge", "lsgan")
 LEVELS = ("sequence", "position")
 
 
 @dataclass
 class AdvConfig:
-    """Switches of the adversarial term (all have CLI flags in `koala train`)."""
+    """Switches of the adversarial term; each is a `koala train` flag (--adv-NAME unless it names its own)."""
 
-    weight: float = 0.1  # lambda: loss = supervised + lambda * adversarial
-    start: int = 100  # supervised-only steps before lambda starts to ramp up
-    warmup: int = 100  # steps of the linear lambda ramp
-    loss: str = "nonsaturating"
-    level: str = "sequence"
-    d_steps: int = 1  # discriminator updates per head update
-    d_lr: float = 5e-4
-    d_hidden: int = 256
-    r1: float = 0.0  # R1 gradient penalty weight on real inputs (0 = off)
-    spectral_norm: bool = False
-    contexts: int = 128  # contexts per batch that enter the adversarial term (keeps the cost bounded)
-    use_features: bool = False  # EAGLE: feed predicted (fake) / target (real) features to D as well
-    max_blowups: int = 3  # non-finite steps in a row before lambda is halved
+    weight: float = option(0.1, "lambda: loss = supervised + lambda * adversarial", non_negative_float)
+    start: int = option(100, "supervised-only steps before lambda ramps up", non_negative_int)
+    warmup: int = option(100, "steps of the linear lambda ramp", non_negative_int)
+    loss: str = option("nonsaturating", "adversarial loss", choices=LOSSES)
+    level: str = option("sequence", "what the discriminator judges", choices=LEVELS)
+    d_steps: int = option(1, "discriminator updates per head update", positive_int, "--d-steps")
+    d_lr: float = option(5e-4, "discriminator learning rate", positive_float, "--d-lr")
+    d_hidden: int = option(256, "discriminator width", positive_int, "--d-hidden")
+    r1: float = option(0.0, "R1 gradient penalty weight on real inputs (0 = off)", non_negative_float, "--r1")
+    spectral_norm: bool = option(False, "spectral normalisation in the discriminator", flag="--spectral-norm")
+    contexts: int = option(128, "contexts per batch in the adversarial term (bounds its cost)", non_negative_int)
+    use_features: bool = option(False, "EAGLE: the discriminator also sees predicted / target features",
+                                flag="--adv-features")
+    max_blowups: int = option(3, "non-finite steps in a row before lambda is halved", positive_int)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

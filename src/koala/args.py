@@ -5,6 +5,7 @@ that turn them into objects."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 from koala.acceptance import Sampling
@@ -49,6 +50,36 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1..65535)")
     return value
+
+
+def option(default, help: str, type=None, flag: str | None = None, choices=None):  # noqa: A002 (argparse's names)
+    """A dataclass field that is also a command-line flag, so its default and help live in one place (see
+    add_dataclass_args). Booleans become switches."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "flag": flag, "choices": choices})
+
+
+def _flagged(cls, only=None, skip=()):
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.name not in skip
+            and (only is None or f.name in only)]
+
+
+def add_dataclass_args(group, cls, prefix: str = "", only=None, skip=()) -> None:
+    """One flag per `option` field of `cls`: --{prefix}{name-with-dashes} unless the field names its own flag."""
+    for f in _flagged(cls, only, skip):
+        meta, dest = f.metadata, prefix.replace("-", "_") + f.name
+        flag = meta["flag"] or "--" + prefix + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=dest, action="store_true", help=meta["help"])
+            continue
+        shown = "" if f.default is None else f" (default: {f.default})"
+        group.add_argument(flag, dest=dest, type=meta["type"], default=f.default, choices=meta["choices"],
+                           metavar=None if meta["choices"] else flag.lstrip("-").replace("-", "_").upper(),
+                           help=meta["help"] + shown)
+
+
+def dataclass_kwargs(cls, args: argparse.Namespace, prefix: str = "", only=None, skip=()) -> dict:
+    """The values of the flags `add_dataclass_args` made for `cls`, as keyword arguments."""
+    return {f.name: getattr(args, prefix.replace("-", "_") + f.name) for f in _flagged(cls, only, skip)}
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:

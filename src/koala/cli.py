@@ -12,7 +12,7 @@ import sys
 from koala.args import add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, sampling_from_args, \
     target_from_args
 
-COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train", "koala.chat",
+COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train.cli", "koala.chat",
                    "koala.serve", "koala.bench", "koala.demo", "koala.export")
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 
+from koala.drafters.trees import Path, tree_paths
 from koala.tree import DraftTree
 
 
@@ -32,3 +34,31 @@ class Drafter:
 
     def observe(self, hidden: torch.Tensor, next_ids: list[int]) -> None:
         """Target features of the newly committed positions (see the class docstring)."""
+
+
+class HeadDrafter(Drafter):
+    """What the trained-head drafters share: the head and the tree policy (shape, depth, children per node, size).
+
+    `defaults` (tree, depth, top_k) and `default_acceptance` (per-depth rates for sizing trees when the head's
+    manifest has none) are the kind's drafting defaults, declared once on its class.
+    """
+
+    defaults: dict = {"tree": "dynamic", "depth": 5, "top_k": 4}
+    default_acceptance: tuple[float, ...] = (0.7, 0.65, 0.6, 0.55, 0.5)
+
+    def __init__(self, head: torch.nn.Module, tree: str | Sequence[Path] | None = None, depth: int | None = None,
+                 top_k: int | None = None, total_tokens: int | None = None,
+                 acceptance: Sequence[float] | None = None) -> None:
+        self.head = head
+        self.depth = depth or self.defaults.get("depth") or head.cfg.num_heads
+        self.top_k = top_k or self.defaults["top_k"]
+        self.total_tokens = total_tokens or 16
+        tree = tree or self.defaults["tree"]
+        self.tree = tree if isinstance(tree, str) else "static"  # the tree's shape: chain, static or dynamic
+        self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens, acceptance or self.default_acceptance)
+        self.reset([])
+
+    @staticmethod
+    def max_depth(head: torch.nn.Module) -> int | None:
+        """The deepest tree this head can draft (None: no limit)."""
+        return None

@@ -8,28 +8,19 @@ true features on the next observe).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
-from koala.drafters.base import Drafter
-from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
-from koala.heads.eagle import EagleHead
+from koala.drafters.base import HeadDrafter
+from koala.drafters.trees import Candidates, grow
 from koala.tree import DraftTree
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(HeadDrafter):
     name = "eagle"
-
-    def __init__(self, head: EagleHead, tree: str | Sequence[Path] = "dynamic", depth: int | None = None,
-                 top_k: int | None = None, total_tokens: int | None = None,
-                 acceptance: Sequence[float] | None = None) -> None:
-        self.head = head
-        self.depth, self.top_k, self.total_tokens = depth or 5, top_k or 4, total_tokens or 16
-        self.kind, self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens,
-                                           acceptance or DEFAULT_ACCEPTANCE["eagle"])
-        self.reset([])
+    defaults = {"tree": "dynamic", "depth": 5, "top_k": 4}
+    default_acceptance = (0.7, 0.65, 0.6, 0.55, 0.5)
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.cache = DynamicCache()

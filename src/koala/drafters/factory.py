@@ -4,21 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from koala.drafters.base import Drafter
-from koala.drafters.eagle import EagleDrafter
 from koala.drafters.gate import GatedDrafter
-from koala.drafters.medusa import MedusaDrafter
-from koala.drafters.trees import DEFAULT_ACCEPTANCE
 from koala.heads.checkpoint import load_head
-
-# Small defaults: on a CPU, verifying 16 tokens already costs ~1.5x a 1-token step (64 tokens ~2.8x).
-DEFAULTS = {"medusa": {"tree": "static", "top_k": 4}, "eagle": {"tree": "dynamic", "depth": 5, "top_k": 4}}
+from koala.kinds import kind
 
 
-def _acceptance(extra: dict, kind: str, path: str | Path) -> list[float]:
+def _acceptance(extra: dict, default: tuple[float, ...], path: str | Path) -> list[float]:
     """Per-depth acceptance rates from the training manifest (clamped to (0.01, 0.99)), else the kind's defaults."""
     rates = extra.get("acceptance")
     if rates is None:
-        return list(DEFAULT_ACCEPTANCE[kind])
+        return list(default)
     if not isinstance(rates, list) or not rates or not all(isinstance(r, (int, float)) for r in rates):
         raise ValueError(f"{path}/config.json: extra.acceptance must be a list of per-depth rates, got {rates!r}.")
     return [min(max(float(r), 0.01), 0.99) for r in rates]
@@ -40,16 +35,17 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
     throughput (see koala.drafters.tree_size); it is ignored for chains, whose size is the depth.
     """
     head = load_head(path, target)
-    kind = head.cfg.kind
-    defaults = DEFAULTS[kind]
+    cls = kind(head.cfg.kind).drafter
+    defaults = cls.defaults
     tree = tree or defaults["tree"]
     depth = depth if depth is not None else defaults.get("depth") or head.cfg.num_heads
     top_k = top_k if top_k is not None else defaults["top_k"]
     if depth < 1 or top_k < 1:
         raise ValueError(f"--depth and --top-k-draft must be >= 1 (got {depth}, {top_k}).")
-    if kind == "medusa" and depth > head.cfg.num_heads:
-        raise ValueError(f"--depth {depth} is deeper than this Medusa head's {head.cfg.num_heads} heads.")
-    acceptance = _acceptance(head.extra, kind, path)
+    limit = cls.max_depth(head)
+    if limit is not None and depth > limit:
+        raise ValueError(f"--depth {depth} is deeper than this {head.cfg.kind} head can draft ({limit}).")
+    acceptance = _acceptance(head.extra, cls.default_acceptance, path)
     size: int | None
     if tree == "chain":
         size = None
@@ -64,6 +60,5 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
             raise ValueError(f"--total-tokens must be a positive integer or 'auto', got {total_tokens!r}.") from None
         if size < 1:
             raise ValueError(f"--total-tokens must be >= 1, got {size}.")
-    cls = MedusaDrafter if kind == "medusa" else EagleDrafter
     drafter = cls(head, tree=tree, depth=depth, top_k=top_k, total_tokens=size, acceptance=acceptance)
     return GatedDrafter(drafter) if gate else drafter

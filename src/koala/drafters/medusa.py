@@ -9,28 +9,28 @@ from collections.abc import Sequence
 
 import torch
 
-from koala.drafters.base import Drafter
-from koala.drafters.trees import DEFAULT_ACCEPTANCE, Candidates, Path, grow, tree_paths
+from koala.drafters.base import HeadDrafter
+from koala.drafters.trees import Candidates, Path, grow
 from koala.heads.medusa import MedusaHead
 from koala.tree import DraftTree
 
 
-class MedusaDrafter(Drafter):
+class MedusaDrafter(HeadDrafter):
     name = "medusa"
+    defaults = {"tree": "static", "top_k": 4}  # depth: all the head's Medusa heads
+    default_acceptance = (0.6, 0.45, 0.35, 0.3, 0.25)
 
-    def __init__(self, head: MedusaHead, tree: str | Sequence[Path] = "static", depth: int | None = None,
+    def __init__(self, head: MedusaHead, tree: str | Sequence[Path] | None = None, depth: int | None = None,
                  top_k: int | None = None, total_tokens: int | None = None,
                  acceptance: Sequence[float] | None = None) -> None:
         heads = head.cfg.num_heads
-        self.head = head
-        self.depth = min(depth or heads, heads)
-        self.top_k = top_k or 4
-        self.total_tokens = total_tokens or 16
-        self.kind, self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens,
-                                           acceptance or DEFAULT_ACCEPTANCE["medusa"])
+        super().__init__(head, tree, min(depth or heads, heads), top_k, total_tokens, acceptance)
         if self.paths is not None and max(len(p) for p in self.paths) > heads:
             raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
-        self.logp: torch.Tensor | None = None
+
+    @staticmethod
+    def max_depth(head: MedusaHead) -> int:
+        return head.cfg.num_heads  # head i drafts depth i+1
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.logp = None

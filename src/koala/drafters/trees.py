@@ -24,8 +24,6 @@ Path = tuple[int, ...]
 # (candidates so far, same-depth node indices or [-1] for the root, k) -> (tokens (N, k) target ids, logp (N, k))
 Expand = Callable[["Candidates", list[int], int], tuple[torch.Tensor, torch.Tensor]]
 
-DEFAULT_ACCEPTANCE = {"medusa": (0.6, 0.45, 0.35, 0.3, 0.25), "eagle": (0.7, 0.65, 0.6, 0.55, 0.5)}
-
 
 def chain(depth: int) -> list[Path]:
     """The top-1 path of length `depth`."""
@@ -144,15 +142,15 @@ TREES = ("chain", "static", "dynamic")
 
 
 def tree_paths(tree: str | Sequence[Path], depth: int, top_k: int, total_tokens: int,
-               acceptance: Sequence[float]) -> tuple[str, list[Path] | None]:
-    """(kind, paths) for a drafter's --tree: fixed paths for chain/static/an explicit list, None for dynamic."""
+               acceptance: Sequence[float]) -> list[Path] | None:
+    """The paths for a drafter's --tree: fixed paths for chain/static/an explicit list, None for dynamic."""
     if not isinstance(tree, str):
-        return "static", list(tree)
+        return list(tree)
     if tree not in TREES:
         raise ValueError(f"Unknown tree {tree!r}; choose one of {TREES} or give a list of paths.")
     if tree == "dynamic":
-        return tree, None
-    return tree, chain(depth) if tree == "chain" else static_tree(total_tokens, depth, top_k, acceptance)
+        return None
+    return chain(depth) if tree == "chain" else static_tree(total_tokens, depth, top_k, acceptance)
 
 
 def grow(paths: list[Path] | None, expand: Expand, depth: int, top_k: int, total_tokens: int) -> DraftTree:

@@ -13,21 +13,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from koala.atomic import atomic_dir
-from koala.heads.config import HeadConfig
-from koala.heads.eagle import EagleHead
-from koala.heads.medusa import MedusaHead
+from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
+from koala.kinds import kind
 
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
 FORMAT = "koala-head/1"
 
 
 def build_head(cfg: HeadConfig, target) -> torch.nn.Module:
     """A freshly initialised head for `target` (a koala Target), wired to its frozen LM head / embedding."""
-    model = target.model
-    lm_head = model.get_output_embeddings().weight
-    if cfg.kind == "medusa":
-        return MedusaHead(cfg, lm_head)
-    return EagleHead(cfg, model.get_input_embeddings().weight, lm_head)
+    return kind(cfg.kind).build(cfg, target)
 
 
 def save_head(head: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = torch.float16,
@@ -59,7 +53,9 @@ def read_config(path: str | Path) -> tuple[HeadConfig, dict]:
         meta = json.loads(file.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r} is not {FORMAT!r}")
-        return HeadConfig.from_dict(meta["config"]), dict(meta.get("extra") or {})
+        cfg = HeadConfig.from_dict(meta["config"])
+        kind(cfg.kind)
+        return cfg, dict(meta.get("extra") or {})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{file} is not a valid koala head config ({e}); re-save the head.") from e
 
@@ -74,15 +70,6 @@ def check_compatible(cfg: HeadConfig, target, where: str = "the head") -> None:
                              f"trained for.")
 
 
-def _blocks(keys: list[str], kind: str) -> tuple[int, int]:
-    """(layers, heads) that a weight file's tensor names describe: EAGLE `layers.i.*`, Medusa `heads.h.i.*`."""
-    if kind == "eagle":
-        layers = {int(k.split(".")[1]) for k in keys if k.startswith("layers.")}
-        return len(layers), 1
-    pairs = {tuple(int(x) for x in k.split(".")[1:3]) for k in keys if k.startswith("heads.")}
-    return len({i for _, i in pairs}), len({h for h, _ in pairs})
-
-
 def _check_header(file: Path, cfg: HeadConfig) -> None:
     """Compare the config with the weight file's header before anything is allocated (a config that claims
     100,000 layers must fail here, not after gigabytes of parameters)."""
@@ -91,11 +78,11 @@ def _check_header(file: Path, cfg: HeadConfig) -> None:
             keys = list(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{file} is not a readable safetensors file ({e}); re-save or re-train the head.") from e
-    layers, heads = _blocks(keys, cfg.kind)
-    if layers != cfg.layers or (cfg.kind == "medusa" and heads != cfg.num_heads):
-        raise ValueError(f"{file} does not match its config ({CONFIG} says layers={cfg.layers}, "
-                         f"num_heads={cfg.num_heads}; the weights hold layers={layers}, heads={heads}); the files "
-                         f"are corrupt or from different heads.")
+    held = kind(cfg.kind).blocks(keys)
+    said = {k: getattr(cfg, k) for k in held}
+    if held != said:
+        raise ValueError(f"{file} does not match its config ({CONFIG} says {said}; the weights hold {held}); the "
+                         f"files are corrupt or from different heads.")
 
 
 def load_head(path: str | Path, target) -> torch.nn.Module:

@@ -12,7 +12,7 @@ import torch
 
 from koala.target import Target, model_identity
 
-KINDS = ("medusa", "eagle")
+CONFIG, WEIGHTS = "config.json", "model.safetensors"  # the files of a head directory
 def _hf_model(target) -> torch.nn.Module:
     """The Hugging Face CausalLM behind a koala Target (or the model itself when given one)."""
     return target.model if isinstance(target, Target) else target
@@ -29,16 +29,12 @@ class HeadConfig:
     num_heads: int = 4  # Medusa only: head i predicts the token i+2 steps after the feature's position
     draft_vocab: list[int] | None = None  # target ids the head can propose, most frequent first; None = all
     target: dict = field(default_factory=dict)  # identity: architecture, hidden_size, vocab_size, lm_head_sha256
-    target_config: dict | None = None  # EAGLE only: the target's HF config dict, to build its decoder layers
+    target_config: dict | None = None  # the target's HF config dict (EAGLE builds its decoder layers from it)
     own_lm_head: bool = False  # True: a trainable copy of the (restricted) LM head instead of the frozen one
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Unknown head kind {self.kind!r}; choose one of {KINDS}.")
         if self.layers < 1 or self.num_heads < 1:
             raise ValueError(f"A head needs layers >= 1 and num_heads >= 1 (got {self.layers}, {self.num_heads}).")
-        if self.kind == "eagle" and not self.target_config:
-            raise ValueError("An EAGLE head needs the target's config (target_config) to build its decoder layers.")
         if self.draft_vocab is not None:
             self.draft_vocab = [int(i) for i in self.draft_vocab]
             bad = [i for i in self.draft_vocab if not 0 <= i < self.vocab_size]
@@ -57,7 +53,7 @@ class HeadConfig:
         model = _hf_model(target)
         ident = model_identity(model)
         # through JSON once, so a config read back from disk compares equal (e.g. int keys become strings)
-        tcfg = json.loads(json.dumps(model.config.to_dict())) if kind == "eagle" else None
+        tcfg = json.loads(json.dumps(model.config.to_dict()))
         return cls(kind=kind, layers=layers, hidden_size=ident["hidden_size"], vocab_size=ident["vocab_size"],
                    num_heads=num_heads, draft_vocab=draft_vocab, target=ident, target_config=tcfg,
                    own_lm_head=own_lm_head)

@@ -80,6 +80,8 @@ class EagleHead(nn.Module):
         super().__init__()
         if cfg.kind != "eagle":
             raise ValueError(f"EagleHead needs a config of kind 'eagle', got {cfg.kind!r}.")
+        if not cfg.target_config:
+            raise ValueError("An EAGLE head needs the target's config (target_config) to build its decoder layers.")
         d = cfg.hidden_size
         for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
             if tuple(w.shape) != (cfg.vocab_size, d):

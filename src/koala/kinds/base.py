@@ -1,0 +1,46 @@
+"""What a kind of draft head declares once, so no other module switches on its name."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from koala.heads.config import WEIGHTS
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One kind of draft head: how to build, draft with, train, size-check and export it.
+
+    build(cfg, target) -> a fresh head wired to the target's frozen weights.
+    drafter: the Drafter class (its `defaults` and `default_acceptance` are the kind's drafting defaults).
+    train_step(head, batch, vocab, cfg, want_drafts, train, measure) -> koala.losses.StepOut.
+    depth(cfg) -> draft steps the training losses cover (acc@1..acc@depth).
+    blocks(tensor names) -> {config field: value} a weight file pins down, checked before anything is allocated.
+    formats: the `koala export` layouts; export(head, target, fmt, dtype, out dir) -> (tensors, config, notes for the
+    user, {extra file name: writer});
+    import_state(cfg, config, tensors, path) -> the head's state dict from such a layout.
+    """
+
+    name: str
+    build: Callable
+    drafter: type
+    train_step: Callable
+    depth: Callable
+    blocks: Callable[[list[str]], dict[str, int]]
+    formats: tuple[str, ...]
+    export: Callable
+    import_state: Callable
+
+
+def take(tensors: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:
+    """Remove and return a tensor an exported layout must hold, with an error naming the file otherwise."""
+    if name not in tensors:
+        raise ValueError(f"{path / WEIGHTS} lacks {name!r}; the export is incomplete or was edited.")
+    return tensors.pop(name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
