@@ -6,6 +6,12 @@ prompt is timed --runs times (median kept), and outputs are checked token-for-to
 
     .venv/bin/python scripts/bench_decode.py --prompts 6 --max-new-tokens 128
     .venv/bin/python scripts/bench_decode.py --profile vanilla   # cProfile of our loop, top functions
+    .venv/bin/python scripts/bench_decode.py --physics            # T(n) per dtype and each head's draft cost
+
+--physics prints the cost of one target forward verifying n new tokens over a 128-token cache (fastest of
+--runs rounds, sizes interleaved), in fp32 and bf16, and for each head the time its drafter spends per step
+(propose + observe) next to the verify cost of the tree it proposes: a step gains tau tokens for
+T_verify(n) + T_draft, plain decoding one token for T(1).
 """
 from __future__ import annotations
 
@@ -13,12 +19,19 @@ import argparse
 import cProfile
 import pstats
 import statistics
+import time
 
 import torch
 
 from koala.acceptance import Sampling
 from koala.bench import MethodSpec, build_runner, load_questions
+from koala.decode import Stats, stream_tokens
+from koala.drafters.factory import drafter_for_head
+from koala.drafters.tree_size import measure_latency
 from koala.target import load_target
+
+TREE_SIZES = (1, 3, 7, 15, 31, 63)  # tree tokens; with the pending token, 2..64 new tokens per forward
+HEADS = ("medusa", "medusa-koala", "eagle", "eagle-koala")
 
 METHODS = {"hf-generate": "hf-generate", "vanilla": "vanilla", "hf-prompt-lookup": "hf-prompt-lookup", "pld": "pld"}
 
@@ -36,6 +49,58 @@ def pick_prompts(path: str, n: int) -> list[tuple[str, str]]:
     return out[:n]
 
 
+def draft_cost(target, head_dir: str, prompts: list[list[int]], max_new: int) -> dict:
+    """Seconds per step the drafter spends (propose + observe), mean tree size, tau, over greedy generations."""
+    drafter = drafter_for_head(head_dir, target, gate=False)
+    spent = [0.0]
+
+    def timed(method):
+        def run(*a):
+            t0 = time.perf_counter()
+            try:
+                return method(*a)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return run
+
+    drafter.propose, drafter.observe = timed(drafter.propose), timed(drafter.observe)
+    stats = [Stats() for _ in prompts]
+    for ids, st in zip(prompts, stats):
+        for _ in stream_tokens(target, ids, drafter, Sampling(), max_new, st):
+            pass
+    steps = sum(st.target_forwards for st in stats)
+    return {"draft_ms": 1000 * spent[0] / steps, "nodes": sum(st.drafted_tokens for st in stats) / steps,
+            "tau": sum(st.new_tokens for st in stats) / steps}
+
+
+def physics(args) -> None:
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        target = load_target(args.target, args.device, dtype)
+        rows[dtype] = measure_latency(target, TREE_SIZES, repeats=args.runs)  # key n: n tree tokens + 1 pending
+    sizes = (0, *TREE_SIZES)
+    print(f"T(n): one target forward with n new tokens over a 128-token cache, ms (fastest of {args.runs}), "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("| dtype \\ n | " + " | ".join(str(n + 1) for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for dtype, lat in rows.items():
+        print(f"| {dtype} | " + " | ".join(f"{1000 * lat[n]:.0f}" for n in sizes) + " |")
+    target = load_target(args.target, args.device, "float32")
+    prompts = [target.encode(p) for _, p in pick_prompts(args.questions, args.prompts)]
+    lat = rows["float32"]
+    print(f"\nDraft cost per step, fp32, {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, no gate\n")
+    print("| head | tree nodes/step | draft ms/step | T_verify(nodes) ms | T(1) ms | tau | "
+          "model speedup tau*T(1)/(T_verify+T_draft) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.heads:
+        c = draft_cost(target, f"heads/smollm2-135m/{name}", prompts, args.max_new_tokens)
+        n = min((s for s in sizes if s >= c["nodes"]), default=sizes[-1])
+        verify = 1000 * lat[n]
+        speed = c["tau"] * 1000 * lat[0] / (verify + c["draft_ms"])
+        print(f"| {name} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} (n={n + 1}) | {1000 * lat[0]:.0f} | "
+              f"{c['tau']:.2f} | {speed:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
@@ -46,9 +111,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--profile", choices=list(METHODS), default=None, help="cProfile one method instead")
+    ap.add_argument("--physics", action="store_true", help="T(n) per dtype and each head's draft cost instead")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), help="--physics: shipped heads to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.physics:
+        physics(args)
+        return
 
     target = load_target(args.target, args.device)
     runners = {name: build_runner(MethodSpec(name, kind), target) for name, kind in METHODS.items()}

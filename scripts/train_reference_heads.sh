@@ -5,6 +5,7 @@
 #   bash scripts/train_reference_heads.sh                     # EAGLE and EAGLE-KOALA (the default HEADS)
 #   HEADS="medusa medusa-koala" STEPS=400 bash scripts/train_reference_heads.sh
 #   ABLATION=1 bash scripts/train_reference_heads.sh          # also K in {1,2,3} x adversarial, seeds 0 and 1
+#   CONTINUE=1 bash scripts/train_reference_heads.sh          # round 2: continue each head (--init) on more data
 #
 # Stages: (1) the target answers ShareGPT first turns, keeping its hidden states as it goes (`koala distill`),
 # (2) the target answers the Spec-Bench prompts: a held-out set of the answers users would ask for, used only
@@ -22,11 +23,13 @@ DEVICE=${DEVICE:-cpu}
 koala=.venv/bin/koala
 mkdir -p "$RUNS" "$DISTILLED"
 
-# bf16 generation with a preallocated KV cache; prompts over 512 tokens are skipped (counted in the manifest)
+# bf16 generation with a preallocated KV cache; prompts over 1024 tokens are skipped (counted in the manifest).
+# Round 1 of the shipped heads saw the first 3,856 ShareGPT answers (prompts <= 512 tokens); the round-2 data
+# (4,560 answers, 1.13M generated tokens) is the same command run longer, stopped at a shard boundary.
 $koala distill --data "$DATA/spec_bench/question.jsonl" --out "$DISTILLED/specbench" --max-new-tokens 256 \
   --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE"
 $koala distill --data "$DATA/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz" --out "$DISTILLED/sharegpt" \
-  --max-new-tokens 320 --max-prompt-tokens 512 --batch-size 64 --dtype bfloat16 --device "$DEVICE" \
+  --max-new-tokens 320 --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE" \
   ${MAX_CONVERSATIONS:+--max-conversations "$MAX_CONVERSATIONS"}
 
 common=(--data "$DISTILLED/sharegpt" --eval-data "$DISTILLED/specbench" --eval-sequences 96
@@ -50,6 +53,15 @@ for name in $HEADS; do
   train "$name" ${RECIPE[$name]}
 done
 
+if [ "${CONTINUE:-0}" = 1 ]; then  # round 2: a warm restart from round 1's heads at half the peak lr, timed
+  declare -A MINUTES=([medusa]=15 [medusa-koala]=25 [eagle]=25 [eagle-koala]=35)
+  for name in $HEADS; do
+    # shellcheck disable=SC2086
+    train "round2/$name" ${RECIPE[$name]} --init "$RUNS/$name/head" --lr 5e-4 --max-steps 5000 \
+      --max-minutes "${MINUTES[$name]}" --adv-start 0
+  done
+fi
+
 if [ "${ABLATION:-0}" = 1 ]; then
   for kind in medusa eagle; do
     for k in 1 2 3; do
@@ -64,9 +76,10 @@ fi
 
 if [ "${COPY:-1}" = 1 ]; then
   for name in $HEADS; do
-    dest="heads/smollm2-135m/$name"
+    dest="heads/smollm2-135m/$name" run="$RUNS/$name"
+    [ "${CONTINUE:-0}" = 1 ] && run="$RUNS/round2/$name"
     rm -rf "$dest" && mkdir -p "$dest"
-    cp "$RUNS/$name/head/config.json" "$RUNS/$name/head/model.safetensors" "$RUNS/$name/manifest.json" "$dest/"
+    cp "$run/head/config.json" "$run/head/model.safetensors" "$run/manifest.json" "$dest/"
   done
   echo "heads written to heads/smollm2-135m/"
 fi

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -372,3 +373,28 @@ def test_shutdown_cuts_open_streams_through_uvicorn():
         thread.join(10)
         assert not thread.is_alive() and time.monotonic() - started < 3  # 200 slow steps would take 4 s
     assert events[-1] == "data: [DONE]" and '"finish_reason": "stop"' in events[-2]
+
+
+@pytest.mark.slow
+def test_smollm2_over_http_batched_answers_equal_lone_greedy(smollm2):
+    """The real target with a shipped head behind real HTTP: concurrent requests (half streaming) decode in one
+    batch and each answer equals the target's lone greedy answer."""
+    prompts = ["Name three primary colors.", "What is 7 times 8?", "Say hello in French.", "Give one tip for sleep."]
+    references = [generate(smollm2, p, max_new_tokens=24).text for p in prompts]
+    drafter = drafter_for_head(Path(__file__).parents[1] / "heads/smollm2-135m/eagle", smollm2, total_tokens=4,
+                               gate=False)
+    app = create_app(smollm2, drafter, max_tokens=24)
+    with running(app) as url:
+        def ask(i: int) -> str:
+            req = {"messages": [{"role": "user", "content": prompts[i]}], "stream": i % 2 == 1}
+            if not req["stream"]:
+                return httpx.post(f"{url}/v1/chat/completions", json=req, timeout=120).json()["choices"][0][
+                    "message"]["content"]
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=120) as r:
+                events = sse(r)
+            return "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e["choices"])
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, range(len(prompts)), timeout=300))
+    assert answers == references
+    assert app.state.engine.peak_batch > 1
