@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from koala.acceptance import Sampling
-from koala.decode import Decoder, Request, Row, Stats, TextStream
+from koala.decode import Decoder, Request, Stats, TextStream
 from koala.drafters.base import Drafter
 from koala.target import Target
 
@@ -153,7 +153,8 @@ class Engine:
         self.encoder = dataclasses.replace(target, tokenizer=copy.deepcopy(target.tokenizer))
         self._encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="koala-encode")
         self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._works: set[_Work] = set()  # queued or running
+        self._works: set[_Work] = set()  # queued or running (the event loop adds, the worker's callbacks remove)
+        self._lock = threading.Lock()
         self.closed = False
         self.peak_batch = 0  # most requests decoded in one step so far
         self._thread = threading.Thread(target=self._loop, name="koala-model", daemon=True)
@@ -179,10 +180,15 @@ class Engine:
         if self.closed:
             raise RuntimeError("the server is shutting down")
         work = _Work(job, self.target, on_piece)
-        self._works.add(work)
-        work.future.add_done_callback(lambda _: self._works.discard(work))
+        with self._lock:
+            self._works.add(work)
+        work.future.add_done_callback(lambda _: self._forget(work))
         self._inbox.put(work)
         return work.future
+
+    def _forget(self, work: _Work) -> None:
+        with self._lock:
+            self._works.discard(work)
 
     async def submit(self, job: Job, on_piece: Callable[[str], None] | None = None) -> Outcome:
         return await asyncio.wrap_future(self.start(job, on_piece))
@@ -194,7 +200,9 @@ class Engine:
     def shutdown(self) -> None:
         """Cut every running and queued answer short so the process can exit promptly."""
         self.closed = True
-        for work in list(self._works):
+        with self._lock:
+            works = list(self._works)
+        for work in works:
             work.job.cancelled.set()
         self._inbox.put(None)
         self._encode_pool.shutdown(wait=False, cancel_futures=True)
@@ -209,40 +217,50 @@ class Engine:
             return items
 
     def _loop(self) -> None:
-        decoder, rows = Decoder(self.target, self.max_batch), {}
+        self._reset()
         while True:
-            new = self._take(block=not decoder.busy)
-            for work in new:
-                if work is None:
-                    continue
-                request = Request(work.job.ids, self.drafter.fork(), work.job.sampling, work.job.max_tokens,
-                                  self.rule, work.job.seed)
-                try:
-                    rows[decoder.add(request, work.stats)] = work
-                except Exception as e:  # a bad prompt fails its own request only
-                    work.future.set_exception(e)
-            now = time.monotonic()
-            for row, work in list(rows.items()):
-                timed_out = work.job.deadline is not None and now > work.job.deadline
-                if work.job.cancelled.is_set() or timed_out:
-                    decoder.cancel(row)
-                    rows.pop(row).finish(ended=not timed_out, timed_out=timed_out)
-            if None in new:  # shut down: every answer was cut above
-                return
+            new = self._take(block=not self._decoder.busy)
             try:
-                steps = decoder.step()
-            except Exception as e:  # e.g. out of memory: fail the batch, keep serving
-                for work in rows.values():
-                    work.future.set_exception(e)
-                decoder, rows = Decoder(self.target, self.max_batch), {}
-                continue
-            self.peak_batch = max(self.peak_batch, len(steps))
-            for row, ids in steps:
-                rows[row].feed(ids)
-            for row in [r for r, w in rows.items() if r.finished or w.stopped]:
-                self._finish(decoder, row, rows.pop(row))
+                self._admit([w for w in new if w is not None])
+                self._cut()
+                if None in new:  # shut down: every answer was cut above
+                    return
+                self._advance()
+            except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+                for work in self._rows.values():
+                    if not work.future.done():
+                        work.future.set_exception(e)
+                self._reset()
 
-    def _finish(self, decoder: Decoder, row: Row, work: _Work) -> None:
-        if not row.finished:
-            decoder.cancel(row)  # a stop string: the row leaves at the next step
-        work.finish(ended=bool(row.ids) and row.ids[-1] in self.target.eos_ids)
+    def _reset(self) -> None:
+        self._decoder, self._rows = Decoder(self.target, self.max_batch), {}  # worker-thread state
+
+    def _admit(self, works: list[_Work]) -> None:
+        for work in works:
+            job = work.job
+            request = Request(job.ids, self.drafter.fork(), job.sampling, job.max_tokens, self.rule, job.seed)
+            try:
+                self._rows[self._decoder.add(request, work.stats)] = work
+            except ValueError as e:  # a bad prompt fails its own request only
+                work.future.set_exception(e)
+
+    def _cut(self) -> None:
+        """Rows whose client left or whose deadline passed leave now, with what they have."""
+        now = time.monotonic()
+        for row, work in list(self._rows.items()):
+            timed_out = work.job.deadline is not None and now > work.job.deadline
+            if work.job.cancelled.is_set() or timed_out:
+                self._decoder.cancel(row)
+                self._rows.pop(row).finish(ended=not timed_out, timed_out=timed_out)
+
+    def _advance(self) -> None:
+        """One decode step for every row; text to the clients; finished rows (or a stop string) leave."""
+        steps = self._decoder.step()
+        self.peak_batch = max(self.peak_batch, len(steps))
+        for row, ids in steps:
+            self._rows[row].feed(ids)
+        for row in [r for r, w in self._rows.items() if r.finished or w.stopped]:
+            work = self._rows.pop(row)
+            if not row.finished:
+                self._decoder.cancel(row)  # a stop string: the row leaves at the next step
+            work.finish(ended=bool(row.ids) and row.ids[-1] in self.target.eos_ids)
