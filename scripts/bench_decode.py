@@ -20,6 +20,7 @@ import cProfile
 import pstats
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,7 +94,8 @@ def physics(args) -> None:
           "model speedup tau*T(1)/(T_verify+T_draft) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.heads:
-        c = draft_cost(target, f"heads/smollm2-135m/{name}", prompts, args.max_new_tokens)
+        c = draft_cost(target, name if Path(name).is_dir() else f"heads/smollm2-135m/{name}", prompts,
+                       args.max_new_tokens)
         n = min((s for s in sizes if s >= c["nodes"]), default=sizes[-1])
         verify = 1000 * lat[n]
         speed = c["tau"] * 1000 * lat[0] / (verify + c["draft_ms"])
@@ -112,7 +114,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--profile", choices=list(METHODS), default=None, help="cProfile one method instead")
     ap.add_argument("--physics", action="store_true", help="T(n) per dtype and each head's draft cost instead")
-    ap.add_argument("--heads", nargs="+", default=list(HEADS), help="--physics: shipped heads to time")
+    ap.add_argument("--heads", nargs="+", default=list(HEADS),
+                    help="--physics: shipped head names or head directories to time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,8 +12,8 @@ import torch
 
 from koala.heads.checkpoint import load_head
 from koala.hidden_cache import HiddenCache
-from koala.target import load_target
 from koala.losses import DraftVocab
+from koala.target import load_target
 from koala.train import TrainConfig
 from koala.train.data import coverage, greedy_counts, split_indices, windows
 from koala.train.loop import evaluate
