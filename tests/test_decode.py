@@ -164,3 +164,39 @@ def test_smollm2_greedy_matches_hf_generate(smollm2):
         reference = hf_greedy(smollm2, ids, 48)
         for drafter in (None, PromptLookupDrafter()):
             assert generate(smollm2, ids, drafter, max_new_tokens=48).tokens == reference
+
+
+@pytest.mark.parametrize("style", ["byte-level", "metaspace"])
+def test_text_stream_pieces_add_up_to_the_full_decode(style):
+    """TextStream re-decodes only a short window: on a GPT-2 style byte-level BPE (multi-byte characters split
+    across tokens) and a SentencePiece style one (leading-space marker), the pieces, however the ids arrive, join to
+    exactly the text of decoding all ids at once."""
+    import random
+    import types
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from koala.decode import TextStream
+
+    corpus = ["héllo wörld, 你好! 🙂🙂 the  cat\n\tsat on the mat.", "naïve café 🚀 résumé — ok", "a b c"] * 20
+    tok = Tokenizer(models.BPE())
+    if style == "byte-level":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, initial_alphabet=alphabet))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    target = types.SimpleNamespace(decode=lambda ids: fast.decode(ids, skip_special_tokens=True))
+    ids = fast.encode(" ".join(corpus[:3]) * 2)
+    rng = random.Random(0)
+    for _ in range(20):
+        stream, pieces, i = TextStream(target), [], 0
+        while i < len(ids):
+            j = i + rng.randint(1, 5)
+            pieces.append(stream.feed(ids[i:j]))
+            i = j
+        pieces.append(stream.flush())
+        assert "".join(pieces) == target.decode(ids)
