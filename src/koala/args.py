@@ -1,14 +1,13 @@
 """Command-line pieces shared by the subcommands: argparse types that check numbers as they are read (a bad value
 fails with one sentence naming the flag instead of being used silently: a depth of 0 must not become 5, a NaN
-temperature must not reach the sampler), and the target / drafter / sampling argument groups with the functions
-that turn them into objects."""
+temperature must not reach the sampler), flags generated from dataclass fields, and the target / drafter /
+sampling argument groups (koala.build turns them into objects). A leaf module: it imports nothing of koala."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
 
-from koala.acceptance import Sampling
 
 
 def _number(text: str, kind: type):
@@ -92,12 +91,6 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")
 
 
-def target_from_args(args: argparse.Namespace):
-    from koala.target import load_target
-
-    return load_target(args.target, args.device, args.dtype, args.trust_remote_code)
-
-
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
@@ -120,21 +113,3 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--total-tokens", default="auto", help="tree size to verify, or 'auto' (hardware-aware)")
     g.add_argument("--no-gate", dest="gate", action="store_false",
                    help="draft every step, even where measured drafting is slower than plain decoding")
-
-
-def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    return Sampling(args.temperature, args.top_p, args.top_k)
-
-
-def drafter_from_args(args: argparse.Namespace, target):
-    """The drafter asked for on the command line: a head directory wins, else --drafter."""
-    from koala.drafters import Drafter, PromptLookupDrafter
-
-    if args.head:
-        from koala.drafters.factory import drafter_for_head
-
-        return drafter_for_head(args.head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                                total_tokens=args.total_tokens, gate=args.gate)
-    if args.drafter == "pld":
-        return PromptLookupDrafter()
-    return Drafter()

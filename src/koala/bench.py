@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from koala.acceptance import Sampling
-from koala.args import (add_target_args, non_negative_float, non_negative_int, positive_int, probability,
-    target_from_args)
+from koala.args import add_target_args, non_negative_float, non_negative_int, positive_int, probability
+from koala.build import target_from_args
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target, device_name, sync

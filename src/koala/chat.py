@@ -13,8 +13,8 @@ import threading
 from collections.abc import Iterator
 
 from koala.acceptance import Sampling
-from koala.args import (add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, sampling_from_args,
-    target_from_args)
+from koala.args import add_drafter_args, add_sampling_args, add_target_args
+from koala.build import drafter_from_args, sampling_from_args, target_from_args
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters.base import Drafter
 from koala.target import Target

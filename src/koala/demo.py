@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from koala.acceptance import Sampling
-from koala.args import add_drafter_args, add_target_args, positive_int, target_from_args
+from koala.args import add_drafter_args, add_target_args, positive_int
+from koala.build import target_from_args
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koala.args import add_target_args, non_negative_float, non_negative_int, positive_int, target_from_args
+from koala.args import add_target_args, non_negative_float, non_negative_int, positive_int
 from koala.atomic import write_json_atomic, write_text_atomic
+from koala.build import target_from_args
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
 from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, tokenize_conversation, write_shard
 from koala.slots import SlotModel

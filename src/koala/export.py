@@ -18,8 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from koala.args import add_target_args, target_from_args
+from koala.args import add_target_args
 from koala.atomic import atomic_dir
+from koala.build import target_from_args
 from koala.heads.checkpoint import build_head, check_compatible, load_head, read_config
 from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
 from koala.kinds import KINDS, kind

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koala.args import add_target_args, positive_int, target_from_args
+from koala.args import add_target_args, positive_int
 from koala.atomic import atomic_dir, write_json_atomic
+from koala.build import target_from_args
 from koala.data import ReadStats, read_conversations
 
 FORMAT = "koala-hidden-cache/2"

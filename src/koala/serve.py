@@ -10,8 +10,9 @@ import argparse
 import ipaddress
 import sys
 
-from koala.args import (add_drafter_args, add_sampling_args, add_target_args, drafter_from_args, non_negative_int,
-                        port, positive_float, positive_int, sampling_from_args, target_from_args)
+from koala.args import (add_drafter_args, add_sampling_args, add_target_args, non_negative_int, port, positive_float,
+                        positive_int)
+from koala.build import drafter_from_args, sampling_from_args, target_from_args
 from koala.engine import Limits
 
 

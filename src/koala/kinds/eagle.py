@@ -17,11 +17,11 @@ from koala.adversarial import Draft
 from koala.drafters.eagle import EagleDrafter
 from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
 from koala.heads.eagle import EagleHead
-from koala.hidden_cache import Batch
 from koala.kinds.base import HeadKind, dtype_name, take
 from koala.losses import DraftVocab, Labels, StepOut, hits, sample_rows, shifted, unroll_mask
 
 if TYPE_CHECKING:
+    from koala.hidden_cache import Batch
     from koala.train.config import TrainConfig
 
 FORMATS = ("vllm-eagle", "sglang-eagle")

@@ -12,11 +12,11 @@ from koala.adversarial import Draft
 from koala.drafters.medusa import MedusaDrafter
 from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
 from koala.heads.medusa import MedusaHead
-from koala.hidden_cache import Batch
 from koala.kinds.base import HeadKind, dtype_name, take
 from koala.losses import DraftVocab, Labels, StepOut, hits, sample_rows, shifted
 
 if TYPE_CHECKING:
+    from koala.hidden_cache import Batch
     from koala.train.config import TrainConfig
 
 FORMAT = "vllm-medusa"

@@ -5,7 +5,8 @@ import json
 import sys
 
 from koala.adversarial import AdvConfig
-from koala.args import add_dataclass_args, add_target_args, dataclass_kwargs, target_from_args
+from koala.args import add_dataclass_args, add_target_args, dataclass_kwargs
+from koala.build import target_from_args
 from koala.kinds import KINDS
 from koala.train.config import TrainConfig
 from koala.train.data import source_from_paths

@@ -1,0 +1,28 @@
+"""Turn parsed command-line options (the groups in koala.args) into the objects every command needs: the target, the
+drafter and the sampling settings."""
+from __future__ import annotations
+
+import argparse
+
+from koala.acceptance import Sampling
+from koala.drafters import Drafter, PromptLookupDrafter
+from koala.drafters.factory import drafter_for_head
+from koala.target import Target, load_target
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    return load_target(args.target, args.device, args.dtype, args.trust_remote_code)
+
+
+def sampling_from_args(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.temperature, args.top_p, args.top_k)
+
+
+def drafter_from_args(args: argparse.Namespace, target: Target) -> Drafter:
+    """The drafter asked for on the command line: a head directory wins, else --drafter."""
+    if args.head:
+        return drafter_for_head(args.head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
+                                total_tokens=args.total_tokens, gate=args.gate)
+    if args.drafter == "pld":
+        return PromptLookupDrafter()
+    return Drafter()
