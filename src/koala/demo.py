@@ -15,7 +15,7 @@ from pathlib import Path
 
 from koala.acceptance import Sampling
 from koala.args import add_drafter_args, add_target_args, positive_int
-from koala.build import target_from_args
+from koala.build import drafter_from_args, target_from_args
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.target import Target
@@ -116,26 +116,20 @@ def table(rows: list[Row], name: str) -> str:
 
 
 def pick_drafter(args: argparse.Namespace, target: Target) -> tuple[Drafter, str]:
-    """The shipped (or --head) KOALA head; pld if asked for, or if no head directory exists."""
-    from koala.drafters.factory import drafter_for_head
-
-    if args.drafter == "pld":
-        return PromptLookupDrafter(), "pld"
-    if args.drafter == "none":
-        return Drafter(), "vanilla"
-    head = Path(args.head) if args.head else default_head_dir()
-    if head is None or not head.is_dir():
-        where = args.head or f"{HEAD_SUBDIR} (looked next to the package and in {Path.cwd()})"
-        print(f"koala demo: no KOALA head found at {where}; falling back to prompt lookup decoding (pld). "
-              "Train one with `koala train` or pass --head DIR.", file=sys.stderr)
-        return PromptLookupDrafter(), "pld"
-    drafter = drafter_for_head(head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                               total_tokens=args.total_tokens, gate=args.gate)
-    return drafter, "koala"
+    """The shipped (or --head) KOALA head; pld or vanilla if asked for; pld if no head directory exists."""
+    head = None
+    if args.drafter is None:
+        head = Path(args.head) if args.head else default_head_dir()
+        if head is None or not head.is_dir():
+            where = args.head or f"{HEAD_SUBDIR} (looked next to the package and in {Path.cwd()})"
+            print(f"koala demo: no KOALA head found at {where}; falling back to prompt lookup decoding (pld). "
+                  "Train one with `koala train` or pass --head DIR.", file=sys.stderr)
+            return PromptLookupDrafter(), "pld"
+    drafter = drafter_from_args(argparse.Namespace(**{**vars(args), "head": head and str(head)}), target)
+    return drafter, {"pld": "pld", "none": "vanilla"}.get(args.drafter, "koala")
 
 
 def _demo(args: argparse.Namespace) -> int:
-
     if args.prompts < 1:
         raise ValueError("--prompts must be at least 1.")
     target = target_from_args(args)
