@@ -25,6 +25,7 @@ from koala.train.report import _append_jsonl, plot_metrics
 
 PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
 PLAN_MARGIN = 0.8  # share of --max-minutes the planned steps may fill
+REPLAN_UNTIL = 0.4  # then re-plan at each held-out evaluation while the run is this far into its steps
 
 
 def head_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool = False,
@@ -257,11 +258,13 @@ def _update(run: Run, res: StepOut, loss: torch.Tensor, step: int) -> None:
 
 
 def _plan(run: Run, bar) -> None:
-    """Once, after PLAN_AFTER steps: fit the step count to --max-minutes from measured throughput, so the cosine
-    anneals before the deadline (the plan is checkpointed, so a resumed run follows it)."""
+    """Fit the step count to --max-minutes from the measured time per step (evaluations and checkpoints
+    included), so the cosine anneals before the deadline: after PLAN_AFTER steps, then again at each evaluation
+    early in the run, since the first steps can be faster than the average. A plan only shortens the run, and it
+    is checkpointed, so a resumed run follows it."""
     state, cfg = run.state, run.cfg
     per_step = state["seconds"] / state["step"]
-    budget = PLAN_MARGIN * cfg.max_minutes * 60  # room for evals, checkpoints and a slower machine
+    budget = PLAN_MARGIN * cfg.max_minutes * 60  # room for a slower stretch of the machine
     cfg.max_steps = min(cfg.max_steps, max(state["step"] + 1, int(budget / per_step)))
     state["planned"] = True
     bar.total = cfg.max_steps
@@ -336,7 +339,8 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         tokens_window += ntok
         state["step"] = step + 1
         state["seconds"] = seconds0 + time.perf_counter() - t0
-        if cfg.max_minutes and not state["planned"] and state["step"] >= PLAN_AFTER:
+        if cfg.max_minutes and state["step"] >= PLAN_AFTER and (not state["planned"] or (
+                state["step"] % cfg.eval_every == 0 and state["step"] <= REPLAN_UNTIL * cfg.max_steps)):
             _plan(run, bar)
         if main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
             now = time.perf_counter()
