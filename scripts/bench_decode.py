@@ -96,10 +96,12 @@ def physics(args) -> None:
     for name in args.heads:
         c = draft_cost(target, name if Path(name).is_dir() else f"heads/smollm2-135m/{name}", prompts,
                        args.max_new_tokens)
-        n = min((s for s in sizes if s >= c["nodes"]), default=sizes[-1])
-        verify = 1000 * lat[n]
+        hi = min((s for s in sizes if s >= c["nodes"]), default=sizes[-1])
+        lo = max(s for s in sizes if s <= min(c["nodes"], hi))
+        share = (c["nodes"] - lo) / (hi - lo) if hi > lo else 0.0
+        verify = 1000 * (lat[lo] + share * (lat[hi] - lat[lo]))  # interpolated between the measured sizes
         speed = c["tau"] * 1000 * lat[0] / (verify + c["draft_ms"])
-        print(f"| {name} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} (n={n + 1}) | {1000 * lat[0]:.0f} | "
+        print(f"| {name} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} | {1000 * lat[0]:.0f} | "
               f"{c['tau']:.2f} | {speed:.2f}x |")
 
 

@@ -1,7 +1,7 @@
 """Held-out acc@k of saved heads: top-1 agreement with the target's own argmax on a cache the heads never saw
 (e.g. the target's answers to Spec-Bench prompts), so old and new heads compare on one footing:
 
-    .venv/bin/python scripts/eval_heads.py --data runs/distill/specbench heads/smollm2-135m/*
+    .venv/bin/python scripts/eval_heads.py heads/smollm2-135m/* --data runs/distill/specbench
 """
 from __future__ import annotations
 
