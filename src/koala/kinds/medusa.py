@@ -28,7 +28,8 @@ def build(cfg: HeadConfig, target) -> MedusaHead:
 
 def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool, train: bool = True,
                measure: bool = True) -> StepOut:
-    """Head i at position t predicts token t+i+2, i.e. the target's next token after position t+i+1."""
+    """Head i at position t predicts token t+i+2, i.e. the target's next token after position t+i+1 (`train` is
+    unused: Medusa trains on the real features, without noise)."""
     h = batch.hidden
     H = head.cfg.num_heads
     w = [shifted(batch.loss_mask, i + 2) for i in range(H)]
