@@ -279,14 +279,14 @@ def stream_batch(target: Target, prompts: Sequence[list[int]], drafters: Sequenc
     for b, ids in enumerate(prompts):
         check_prompt(target, ids, "The prompt" if len(prompts) == 1 else f"Prompt {b}")
     decoder = Decoder(target, max_batch)
-    index = {}
+    index = {}  # row -> prompt number (rows hash by identity)
     for b, (ids, drafter, st) in enumerate(zip(prompts, drafters, stats)):
         request = Request(ids, drafter, sampling, max_new_tokens, rule, None if seed is None else seed + b)
-        index[id(decoder.add(request, st))] = b
+        index[decoder.add(request, st)] = b
     while decoder.busy and not (should_stop and should_stop()):
         out: list[list[int]] = [[] for _ in prompts]
         for row, new in decoder.step():
-            out[index[id(row)]] = new
+            out[index[row]] = new
         yield out
 
 
