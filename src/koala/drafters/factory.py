@@ -36,15 +36,7 @@ def drafter_for_head(path: str | Path, target, tree: str | None = None, depth: i
     """
     head = load_head(path, target)
     cls = kind(head.cfg.kind).drafter
-    defaults = cls.defaults
-    tree = tree or defaults["tree"]
-    depth = depth if depth is not None else defaults.get("depth") or head.cfg.num_heads
-    top_k = top_k if top_k is not None else defaults["top_k"]
-    if depth < 1 or top_k < 1:
-        raise ValueError(f"--depth and --top-k-draft must be >= 1 (got {depth}, {top_k}).")
-    limit = cls.max_depth(head)
-    if limit is not None and depth > limit:
-        raise ValueError(f"--depth {depth} is deeper than this {head.cfg.kind} head can draft ({limit}).")
+    tree, depth, top_k = cls.settings(head, tree, depth, top_k)
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)
     size: int | None
     if tree == "chain":

@@ -24,7 +24,7 @@ class MedusaDrafter(HeadDrafter):
                  top_k: int | None = None, total_tokens: int | None = None,
                  acceptance: Sequence[float] | None = None) -> None:
         heads = head.cfg.num_heads
-        super().__init__(head, tree, min(depth or heads, heads), top_k, total_tokens, acceptance)
+        super().__init__(head, tree, heads if depth is None else min(depth, heads), top_k, total_tokens, acceptance)
         if self.paths is not None and max(len(p) for p in self.paths) > heads:
             raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
 
