@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from koala.atomic import atomic_dir
 from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
 from koala.kinds import kind
+from koala.kinds.base import dtype_name
 
 FORMAT = "koala-head/1"
 
@@ -34,7 +35,7 @@ def save_head(head: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype = t
     out = Path(out_dir)
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone().contiguous()
                for k, v in head.state_dict().items()}
-    meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "config": head.cfg.to_dict(),
+    meta = {"format": FORMAT, "dtype": dtype_name(dtype), "config": head.cfg.to_dict(),
             "extra": extra or {}}
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(meta, indent=1))

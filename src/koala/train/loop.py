@@ -21,7 +21,7 @@ from koala.losses import DraftVocab, StepOut
 from koala.train.checkpoint import CKPT, load_checkpoint, save_checkpoint
 from koala.train.config import TrainConfig
 from koala.train.data import BatchStream, coverage, greedy_counts, split_indices, windows
-from koala.train.report import _append_jsonl, plot_metrics
+from koala.train.report import append_jsonl, plot_metrics
 
 PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
 PLAN_MARGIN = 0.8  # share of --max-minutes the planned steps may fill
@@ -145,7 +145,7 @@ class Run:
 
     def log(self, row: dict) -> None:
         if self.main:
-            _append_jsonl(self.metrics, row)
+            append_jsonl(self.metrics, row)
 
     def checkpoint(self) -> None:
         if self.main:

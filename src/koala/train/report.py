@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
+def append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
