@@ -28,7 +28,9 @@ from koala.acceptance import Sampling
 from koala.bench import MethodSpec, build_runner, load_questions
 from koala.decode import Stats, stream_tokens
 from koala.drafters.factory import drafter_for_head
-from koala.drafters.tree_size import measure_latency
+from koala.drafters.plan import measure_latency
+from koala.heads.checkpoint import read_config
+from koala.kinds import kind
 from koala.target import load_target
 
 TREE_SIZES = (1, 3, 7, 15, 31, 63)  # tree tokens; with the pending token, 2..64 new tokens per forward
@@ -50,9 +52,10 @@ def pick_prompts(path: str, n: int) -> list[tuple[str, str]]:
     return out[:n]
 
 
-def draft_cost(target, head_dir: str, prompts: list[list[int]], max_new: int) -> dict:
-    """Seconds per step the drafter spends (propose + observe), mean tree size, tau, over greedy generations."""
-    drafter = drafter_for_head(head_dir, target, gate=False)
+def draft_cost(target, head_dir: str, prompts: list[list[int]], max_new: int, **options) -> dict:
+    """Seconds per step the drafter spends (propose + observe), mean tree size, tau, over greedy generations, for
+    the head with drafter_for_head's `options` (none: the plan koala chooses on this machine)."""
+    drafter = drafter_for_head(head_dir, target, gate=False, **options)
     spent = [0.0]
 
     def timed(method):
@@ -70,7 +73,7 @@ def draft_cost(target, head_dir: str, prompts: list[list[int]], max_new: int) ->
         for _ in stream_tokens(target, ids, drafter, Sampling(), max_new, st):
             pass
     steps = sum(st.target_forwards for st in stats)
-    return {"draft_ms": 1000 * spent[0] / steps, "nodes": sum(st.drafted_tokens for st in stats) / steps,
+    return {"plan": str(drafter.plan), "draft_ms": 1000 * spent[0] / steps, "nodes": sum(st.drafted_tokens for st in stats) / steps,
             "tau": sum(st.new_tokens for st in stats) / steps}
 
 
@@ -78,7 +81,7 @@ def physics(args) -> None:
     rows = {}
     for dtype in ("float32", "bfloat16"):
         target = load_target(args.target, args.device, dtype)
-        rows[dtype] = measure_latency(target, TREE_SIZES, repeats=args.runs)  # key n: n tree tokens + 1 pending
+        rows[dtype] = measure_latency(target, TREE_SIZES, repeats=args.runs).seconds  # key n: n tree tokens + 1 pending
     sizes = (0, *TREE_SIZES)
     print(f"T(n): one target forward with n new tokens over a 128-token cache, ms (fastest of {args.runs}), "
           f"torch threads {torch.get_num_threads()}\n")
@@ -90,18 +93,23 @@ def physics(args) -> None:
     prompts = [target.encode(p) for _, p in pick_prompts(args.questions, args.prompts)]
     lat = rows["float32"]
     print(f"\nDraft cost per step, fp32, {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, no gate\n")
-    print("| head | tree nodes/step | draft ms/step | T_verify(nodes) ms | T(1) ms | tau | "
+    print("| head | plan | tree nodes/step | draft ms/step | T_verify(nodes) ms | T(1) ms | tau | "
           "model speedup tau*T(1)/(T_verify+T_draft) |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.heads:
-        c = draft_cost(target, name if Path(name).is_dir() else f"heads/smollm2-135m/{name}", prompts,
-                       args.max_new_tokens)
+    print("|---|---|---|---|---|---|---|---|")
+    for name, fixed in [(h, f) for h in args.heads for f in (True, False)]:
+        head_dir = name if Path(name).is_dir() else f"heads/smollm2-135m/{name}"
+        options = {}
+        if fixed:  # the kind's own tree shape at its full default depth, only the size chosen
+            cfg = read_config(head_dir)[0]
+            defaults = kind(cfg.kind).drafter.defaults
+            options = {"tree": defaults["tree"], "depth": defaults.get("depth") or cfg.num_heads}
+        c = draft_cost(target, head_dir, prompts, args.max_new_tokens, **options)
         hi = min((s for s in sizes if s >= c["nodes"]), default=sizes[-1])
         lo = max(s for s in sizes if s <= min(c["nodes"], hi))
         share = (c["nodes"] - lo) / (hi - lo) if hi > lo else 0.0
         verify = 1000 * (lat[lo] + share * (lat[hi] - lat[lo]))  # interpolated between the measured sizes
         speed = c["tau"] * 1000 * lat[0] / (verify + c["draft_ms"])
-        print(f"| {name} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} | {1000 * lat[0]:.0f} | "
+        print(f"| {name} | {c['plan']} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} | {1000 * lat[0]:.0f} | "
               f"{c['tau']:.2f} | {speed:.2f}x |")
 
 

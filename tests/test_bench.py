@@ -83,7 +83,8 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     assert res["methods"]["vanilla"]["tau"] == pytest.approx(1.0)
     assert res["methods"]["hf-generate"]["tau"] == pytest.approx(1.0)  # one forward per token, counted by hook
     assert res["settings"]["method_specs"]["ek"] == {"kind": "head", "path": str(head), "tree": "dynamic",
-                                                     "depth": 3, "top_k": 2, "total_tokens": "6"}
+                                                     "depth": 3, "top_k": 2, "total_tokens": "6",
+                                                     "plan": "a dynamic tree of 6 nodes, depth 3"}
     md = (out / "results.md").read_text()
     assert "| pld2 |" in md and "## hf-prompt-lookup" in md and "| misc |" in md
     for png in ("speedup_by_category.png", "tau.png", "acceptance_by_depth.png"):

@@ -42,7 +42,7 @@ def test_head_dir_gives_a_koala_drafter(tmp_path):
     target = tiny_target("llama")
     head = save_head(random_head(target, "eagle", 1), tmp_path / "eagle-koala")
     args = argparse.Namespace(drafter=None, head=str(head), tree="chain", depth=2, draft_top_k=None,
-                              total_tokens="auto", gate=True)
+                              total_tokens="auto", gate=True, lookup=0)
     drafter, name = pick_drafter(args, target)
     assert name == "koala" and isinstance(drafter.inner, EagleDrafter) and drafter.paths == [(0,), (0, 0)]
     rows = run_demo(target, drafter, PROMPTS[:1], max_new_tokens=10)

@@ -111,5 +111,8 @@ def add_drafter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--depth", type=positive_int, default=None)
     g.add_argument("--top-k-draft", dest="draft_top_k", type=positive_int, default=None, help="children per node")
     g.add_argument("--total-tokens", default="auto", help="tree size to verify, or 'auto' (hardware-aware)")
+    g.add_argument("--lookup", type=non_negative_int, default=None, metavar="N",
+                   help="with --head: try prompt lookup of n-grams of >= N tokens first each step, the head where "
+                        "none matches (default: on, koala.drafters.factory.LOOKUP_MIN_NGRAM; 0 = the head alone)")
     g.add_argument("--no-gate", dest="gate", action="store_false",
                    help="draft every step, even where measured drafting is slower than plain decoding")

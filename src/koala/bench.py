@@ -34,7 +34,7 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-HEAD_OPTIONS = {"tree": str, "depth": int, "top_k": int, "total_tokens": str, "gate": _on_off}
+HEAD_OPTIONS = {"tree": str, "depth": int, "top_k": int, "total_tokens": str, "gate": _on_off, "lookup": int}
 PLD_OPTIONS = {"max_ngram": int, "num_tokens": int, "min_ngram": int}
 HF_PLD_OPTIONS = {"num_tokens": int, "max_ngram": int}
 
@@ -79,7 +79,8 @@ def _parse_options(text: str, allowed: dict[str, type], what: str) -> dict:
 
 def parse_method(text: str) -> MethodSpec:
     """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-prompt-lookup, pld) or a head
-    directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens, gate=on|off;
+    directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens, gate=on|off,
+    lookup=N: prompt lookup of n-grams of at least N tokens first, the head where it finds none, 0 = head alone;
     pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram)."""
     name, sep, spec = text.partition("=")
     if not sep or ":" in name or "/" in name:  # no NAME given: the spec names itself
@@ -105,6 +106,7 @@ def _koala_runner(target: Target, drafter: Drafter) -> Runner:
         sync(target.device)
         return Run(tokens, time.perf_counter() - start, stats.target_forwards, list(stats.accepted_lengths))
 
+    run.plan = None if drafter.plan is None else str(drafter.plan)  # what a head drafts here, for the report
     return run
 
 
@@ -157,7 +159,8 @@ def build_runner(spec: MethodSpec, target: Target) -> Runner:
     from koala.drafters.factory import drafter_for_head
 
     drafter = drafter_for_head(spec.path, target, tree=o.get("tree"), depth=o.get("depth"), top_k=o.get("top_k"),
-                               total_tokens=o.get("total_tokens", "auto"), gate=o.get("gate", True))
+                               total_tokens=o.get("total_tokens", "auto"), gate=o.get("gate", True),
+                               **({"lookup": o["lookup"]} if "lookup" in o else {}))
     return _koala_runner(target, drafter)
 
 
@@ -309,10 +312,14 @@ def markdown(summary: dict) -> str:
     lines = [f"# koala bench: {summary['target']} on {summary['device']}", "",
              (f"{s['questions']} questions from `{s['questions_file']}`, max {s['max_new_tokens']} new tokens, "
              f"temperature {s['temperature']}, {s['runs']} run(s) per question (median time)."), "",
-             "| method | tokens/s | speedup | tau | exact match |", "|---|---:|---:|---:|---:|"]
+             "| method | tokens/s | speedup | lowest category | tau | exact match | drafting plan |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    specs = s.get("method_specs", {})
     for name, m in summary["methods"].items():
-        lines.append(f"| {name} | {f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {f(m['tau'])} | "
-                     f"{f(m['exact_match'], '{:.0%}')} |")
+        cats = [c["speedup"] for c in m["by_category"].values() if c["speedup"] is not None]
+        lines.append(f"| {name} | {f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | "
+                     f"{f(min(cats, default=None))}x | {f(m['tau'])} | {f(m['exact_match'], '{:.0%}')} | "
+                     f"{specs.get(name, {}).get('plan') or ''} |")
     for name, m in summary["methods"].items():
         lines += ["", f"## {name}", "", "| category | tokens/s | speedup | tau |", "|---|---:|---:|---:|"]
         for cat, c in m["by_category"].items():
@@ -360,7 +367,8 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
                      "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
                      "top_p": sampling.top_p, "top_k": sampling.top_k, "runs": runs, "seed": seed,
                      "torch_threads": torch.get_num_threads(),
-                     "method_specs": {s.name: {"kind": s.kind, "path": s.path, **s.options} for s in specs}},
+                     "method_specs": {s.name: {"kind": s.kind, "path": s.path, **s.options,
+                                               "plan": getattr(methods[s.name], "plan", None)} for s in specs}},
         "methods": summarise(raw, sampling.greedy),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

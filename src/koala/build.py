@@ -22,7 +22,8 @@ def drafter_from_args(args: argparse.Namespace, target: Target) -> Drafter:
     """The drafter asked for on the command line: a head directory wins, else --drafter."""
     if args.head:
         return drafter_for_head(args.head, target, tree=args.tree, depth=args.depth, top_k=args.draft_top_k,
-                                total_tokens=args.total_tokens, gate=args.gate)
+                                total_tokens=args.total_tokens, gate=args.gate,
+                                **({} if args.lookup is None else {"lookup": args.lookup}))
     if args.drafter == "pld":
         return PromptLookupDrafter()
     return Drafter()

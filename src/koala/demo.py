@@ -153,6 +153,4 @@ def add_command(sub) -> None:
     p.add_argument("--no-stream", action="store_true", help="only print the table")
     add_target_args(p)
     add_drafter_args(p)
-    # The showcase runs the configuration measured fastest on a 2-core CPU (README: a chain of one drafted token,
-    # 1.15-1.19x); --tree dynamic --depth 5 gives the library defaults.
-    p.set_defaults(func=_demo, tree="chain", depth=1, gate=False)
+    p.set_defaults(func=_demo)  # the library's defaults: plan chosen by measurement, prompt lookup first, gated

@@ -20,6 +20,7 @@ class Drafter:
     """
 
     name = "vanilla"
+    plan = None  # for head drafters: the koala.drafters.plan.Plan they draft with
 
     def fork(self) -> Drafter:
         """A drafter with the same settings (sharing weights) for another sequence decoding at the same time."""

@@ -36,6 +36,10 @@ class GatedDrafter(Drafter):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    @property
+    def plan(self):  # the base class's None would hide the inner drafter's plan from __getattr__
+        return self.inner.plan
+
     def fork(self) -> GatedDrafter:
         new = super().fork()
         new.inner = self.inner.fork()

@@ -1,0 +1,259 @@
+"""Drafting plans chosen by measurement: which tree shape, depth and size to draft on THIS device, or none at all.
+
+A speculative step costs T_verify(n) + T_draft(plan) and yields 1 + E[accepted] tokens; a plain step costs T(0)
+and yields one. Both costs are timed here: verification as target forwards of 1 + n tokens over CONTEXT cached
+tokens, drafting as the head's real `observe` + `propose` for each candidate plan on synthetic features.
+`choose_plan` takes the candidate with the most expected tokens per second, E[accepted] coming from the acceptance
+model of koala.drafters.trees (per-depth rates from the head's training manifest). "No draft" is a candidate
+whenever the caller left the tree shape open, so a head is used only where the measurements say it pays.
+
+Timings are cached under the koala cache dir per device + model (+ head) with when they were taken and how noisy
+they were. A noisy measurement (another job on the CPU) is used for this run but never saved, and a saved one
+expires after MAX_AGE_DAYS, so one bad measurement cannot decide forever.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from koala.drafters.trees import expected_accepted
+from koala.target import Target, cache_dir, device_name, sync
+from koala.tree import DraftTree, verify_inputs
+
+DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+CONTEXT = 128  # cached tokens the timed forwards attend to
+MAX_SPREAD = 1.2  # typical median / fastest run above this: the machine was busy, do not save
+MAX_AGE_DAYS = 7
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to draft: tree shape ("none", "chain", "static" or "dynamic"), depth and nodes verified per step."""
+
+    tree: str
+    depth: int = 0
+    total_tokens: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.tree}:{self.depth}:{self.total_tokens}"
+
+    def __str__(self) -> str:
+        if self.tree == "none":
+            return "no drafting"
+        if self.tree == "chain":
+            return f"a chain of {self.depth}"
+        return f"a {self.tree} tree of {self.total_tokens} nodes, depth {self.depth}"
+
+
+NO_DRAFT = Plan("none")
+
+
+@dataclass
+class Timings:
+    seconds: dict  # the fastest run per key
+    spread: float  # the typical (median over keys) ratio of a key's median run to its fastest: ~1 when idle
+
+
+def _time_round_robin(jobs: dict[Hashable, Callable[[], None]], repeats: int, device: torch.device) -> Timings:
+    """Run every job once per round (round 0 warms kernels and allocators up), so a burst of load from another
+    process hits all keys alike; keep each key's fastest run and report how far the runs typically strayed."""
+    runs: dict[Hashable, list[float]] = {k: [] for k in jobs}
+    for rep in range(repeats + 1):
+        for k, job in jobs.items():
+            sync(device)
+            start = time.perf_counter()
+            job()
+            sync(device)
+            if rep:
+                runs[k].append(time.perf_counter() - start)
+    spread = statistics.median(statistics.median(r) / max(min(r), 1e-9) for r in runs.values())
+    return Timings({k: min(r) for k, r in runs.items()}, spread)
+
+
+@torch.inference_mode()
+def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3) -> Timings:
+    """Seconds of one verify forward (pending token + n tree tokens) over CONTEXT cached tokens, per n (0 = plain),
+    made non-decreasing in n (more tokens never cost less)."""
+    device = target.device
+    context = min(CONTEXT, target.max_length - max(sizes) - 2)
+    if context < 1:
+        raise ValueError(f"The target's context ({target.max_length}) is too short to verify {max(sizes)} tokens.")
+    gen = torch.Generator().manual_seed(0)
+    vocab = target.lm_head.weight.shape[0]
+    cache = DynamicCache()
+    prefix = torch.randint(vocab, (context,), generator=gen).to(device)
+    target.hidden(prefix[None], torch.arange(context, device=device)[None], cache)
+
+    def job(ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], None]:
+        def run() -> None:
+            target.logits(target.hidden(ids, pos, cache, mask)[0])
+            cache.crop(context - cache.get_seq_length())  # negative = tokens to drop
+        return run
+
+    jobs = {}
+    for n in (0, *sorted(set(sizes))):
+        tree = DraftTree.chain(torch.randint(vocab, (n,), generator=gen)) if n else DraftTree.empty()
+        jobs[n] = job(*verify_inputs(torch.randint(vocab, (1,), generator=gen).to(device), tree, context,
+                                     target.dtype))
+    timings = _time_round_robin(jobs, repeats, device)
+    floor = 0.0
+    for n in sorted(timings.seconds):
+        floor = timings.seconds[n] = max(floor, timings.seconds[n])
+    return timings
+
+
+@torch.inference_mode()
+def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequence[Plan],
+                  repeats: int = 3) -> Timings:
+    """Seconds per step a drafter built by `build(plan)` spends in `observe` (two newly committed tokens) plus
+    `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan."""
+    device, dtype = target.device, target.dtype
+    gen = torch.Generator().manual_seed(0)
+    d, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
+    context = torch.randn(CONTEXT, d, generator=gen).to(device, dtype)
+    context_ids = torch.randint(vocab, (CONTEXT,), generator=gen).tolist()
+    step = torch.randn(2, d, generator=gen).to(device, dtype)
+    step_ids = torch.randint(vocab, (2,), generator=gen).tolist()
+
+    def job(plan: Plan) -> Callable[[], None]:
+        drafter = build(plan)
+        drafter.reset(context_ids)
+        drafter.observe(context, context_ids)
+
+        def run() -> None:
+            drafter.observe(step, step_ids)
+            drafter.propose(context_ids)
+        return run
+
+    return _time_round_robin({plan: job(plan) for plan in plans}, repeats, device)
+
+
+def _load(file: Path) -> dict | None:
+    """A saved profile's seconds, or None when it is missing, damaged or older than MAX_AGE_DAYS."""
+    try:
+        data = json.loads(file.read_text())
+        if time.time() - float(data["measured_at"]) > MAX_AGE_DAYS * 86400:
+            return None
+        return {str(k): float(v) for k, v in data["seconds"].items()}
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _save(file: Path, timings: Timings, about: dict) -> None:
+    """Write the profile atomically; a noisy one is not saved, and an unwritable cache only costs time."""
+    if timings.spread > MAX_SPREAD:
+        print(f"koala: note: timings varied {timings.spread:.2f}x between runs (is another job using this machine?);"
+              f" the drafting plan uses them for this run only.", file=sys.stderr)
+        return
+    data = {**about, "measured_at": time.time(), "spread": round(timings.spread, 4),
+            "seconds": {str(k.key if isinstance(k, Plan) else k): v for k, v in timings.seconds.items()}}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(file)
+    except OSError:
+        pass
+
+
+def _profile_file(kind: str, parts: list) -> Path:
+    return cache_dir() / "plans" / f"{kind}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]}.json"
+
+
+def _target_key(target: Target) -> list:
+    cfg = target.config
+    return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
+            cfg.num_hidden_layers, str(target.dtype), target.identity["lm_head_sha256"], CONTEXT]
+
+
+def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:
+    """measure_latency, cached per device + target + sizes."""
+    sizes = sorted({int(s) for s in sizes})
+    file = _profile_file("verify", _target_key(target) + [sizes])
+    saved = None if refresh else _load(file)
+    if saved is not None and all(str(n) in saved for n in (0, *sizes)):
+        return {n: saved[str(n)] for n in (0, *sizes)}
+    timings = measure_latency(target, sizes)
+    _save(file, timings, {"device": device_name(target.device), "target": target.name})
+    return dict(timings.seconds)
+
+
+def draft_profile(target: Target, head_key: str, build: Callable[[Plan], object], plans: Sequence[Plan],
+                  refresh: bool = False) -> dict[Plan, float]:
+    """measure_draft, cached per device + target + head (`head_key`, e.g. a hash of its weights) + plans."""
+    plans = sorted(set(plans), key=lambda p: p.key)
+    file = _profile_file("draft", _target_key(target) + [head_key, [p.key for p in plans]])
+    saved = None if refresh else _load(file)
+    if saved is not None and all(p.key in saved for p in plans):
+        return {p: saved[p.key] for p in plans}
+    timings = measure_draft(target, build, plans)
+    _save(file, timings, {"device": device_name(target.device), "target": target.name, "head": head_key})
+    return dict(timings.seconds)
+
+
+def expected_tokens(plan: Plan, top_k: int, acceptance: Sequence[float]) -> float:
+    """Tokens one step yields on average under the acceptance model: the target's own token plus accepted drafts."""
+    if plan.tree == "none":
+        return 1.0
+    if plan.tree == "chain":
+        return 1.0 + expected_accepted(plan.depth, plan.depth, 1, acceptance)
+    return 1.0 + expected_accepted(plan.total_tokens, plan.depth, top_k, acceptance)
+
+
+def best_plan(plans: Sequence[Plan], latency: dict[int, float], draft: dict[Plan, float], top_k: int,
+              acceptance: Sequence[float]) -> Plan:
+    """The plan with the most expected tokens per second; ties go to the earlier (simpler) plan."""
+    def rate(plan: Plan) -> float:
+        if plan.tree == "none":
+            return 1.0 / latency[0]
+        n = plan.depth if plan.tree == "chain" else plan.total_tokens
+        return expected_tokens(plan, top_k, acceptance) / (latency[n] + draft[plan])
+
+    return max(plans, key=rate)  # max keeps the first of equal rates
+
+
+def max_nodes(tree: str, depth: int, top_k: int) -> int:
+    """The most nodes a tree of this shape can have."""
+    if tree == "dynamic":
+        return top_k + (depth - 1) * top_k * top_k
+    if tree == "chain":
+        return depth
+    return sum(top_k ** d for d in range(1, depth + 1))
+
+
+def candidate_plans(shapes: Sequence[str], depths: Sequence[int], top_k: int,
+                    total_tokens: int | None = None, sizes: Sequence[int] = DEFAULT_SIZES) -> list[Plan]:
+    """Plans to choose from, simplest first: no drafting, chains, then trees of every measured size that fits."""
+    plans = []
+    for shape in shapes:
+        if shape == "none":
+            plans.append(NO_DRAFT)
+        elif shape == "chain":
+            plans += [Plan("chain", d, d) for d in depths]
+        elif total_tokens is not None:
+            plans += [Plan(shape, d, total_tokens) for d in depths]
+        else:
+            plans += [Plan(shape, d, n) for d in depths for n in sizes if max(d, 2) <= n <= max_nodes(shape, d, top_k)]
+    return plans
+
+
+def choose_plan(target: Target, plans: Sequence[Plan], build: Callable[[Plan], object], head_key: str,
+                top_k: int, acceptance: Sequence[float]) -> Plan:
+    """The best of `plans` on this device: verify and draft costs measured (or read from the cache)."""
+    if len(plans) == 1:
+        return plans[0]
+    drafting = [p for p in plans if p.tree != "none"]
+    sizes = {p.depth if p.tree == "chain" else p.total_tokens for p in drafting}
+    latency = latency_profile(target, sorted(sizes))
+    draft = draft_profile(target, head_key, build, drafting) if drafting else {}
+    return best_plan(plans, latency, draft, top_k, acceptance)

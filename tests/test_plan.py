@@ -1,0 +1,72 @@
+import json
+import time
+
+import pytest
+import torch
+
+from koala.drafters import plan as plan_mod
+from koala.drafters.plan import NO_DRAFT, Plan, best_plan, candidate_plans, expected_tokens, latency_profile
+
+
+def test_best_plan_follows_the_hardware_and_the_draft_cost():
+    acceptance = [0.7, 0.6]
+    plans = candidate_plans(["none", "chain", "dynamic"], [1, 2, 3], top_k=4, sizes=(1, 4, 16))
+    flat = {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 16: 1.05}  # GPU-like: wide verification is nearly free
+    steep = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 5.0, 16: 17.0}  # every verified token costs a plain step
+    cheap = {p: 0.01 for p in plans}
+    assert best_plan(plans, flat, cheap, 4, acceptance) == Plan("dynamic", 3, 16)
+    assert best_plan(plans, steep, cheap, 4, acceptance) == NO_DRAFT
+    # the same flat hardware, but each drafted level beyond the first costs a full step: one level is best
+    costly = {p: 0.05 + 1.0 * (p.depth - 1) for p in plans if p.tree != "none"}
+    assert best_plan(plans, flat, costly, 4, acceptance) == Plan("dynamic", 1, 4)
+    # and when drafting itself costs more than it can gain, no drafting wins
+    assert best_plan(plans, flat, {p: 5.0 for p in plans}, 4, acceptance) == NO_DRAFT
+
+
+def test_expected_tokens_and_candidates():
+    assert expected_tokens(NO_DRAFT, 4, [0.5]) == 1.0
+    assert expected_tokens(Plan("chain", 2, 2), 4, [0.5, 0.4]) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
+    plans = candidate_plans(["dynamic"], [1, 3], top_k=2, sizes=(1, 2, 4, 8, 64))
+    assert plans == [Plan("dynamic", 1, 2), Plan("dynamic", 3, 4), Plan("dynamic", 3, 8)]  # fits top_k + 2 k^2
+    assert candidate_plans(["static"], [2], top_k=2, total_tokens=5) == [Plan("static", 2, 5)]
+
+
+def test_profile_is_measured_once_cached_and_expires(llama_target, tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path))
+    calls = []
+    real = plan_mod.measure_latency
+    monkeypatch.setattr(plan_mod, "measure_latency", lambda *a, **k: calls.append(1) or real(*a, repeats=1))
+    monkeypatch.setattr(plan_mod, "MAX_SPREAD", float("inf"))  # a busy test machine must not skip the save
+    first = latency_profile(llama_target, sizes=(1, 4, 8))
+    assert set(first) == {0, 1, 4, 8} and all(v > 0 for v in first.values())
+    assert latency_profile(llama_target, sizes=(1, 4, 8)) == first and len(calls) == 1
+    [file] = (tmp_path / "plans").glob("verify-*.json")
+    data = json.loads(file.read_text())
+    data["measured_at"] = time.time() - (plan_mod.MAX_AGE_DAYS + 1) * 86400
+    file.write_text(json.dumps(data))
+    latency_profile(llama_target, sizes=(1, 4, 8))
+    assert len(calls) == 2  # an expired profile is measured again
+
+
+def test_noisy_timings_are_used_but_not_saved(llama_target, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "MAX_SPREAD", 0.5)  # every measurement now counts as noisy
+    assert set(latency_profile(llama_target, sizes=(1, 2))) == {0, 1, 2}
+    assert not list((tmp_path / "plans").glob("*.json"))
+    assert "this run only" in capsys.readouterr().err
+
+
+def test_spread_reports_how_far_runs_strayed(monkeypatch):
+    def time_with(clock):
+        monkeypatch.setattr(plan_mod.time, "perf_counter", lambda: next(clock))
+        return plan_mod._time_round_robin({"a": lambda: None}, repeats=3, device=torch.device("cpu"))
+
+    t = time_with(iter([0, 10, 11, 11, 14, 14, 15]))  # a warm-up start, then runs of 1 s, 3 s and 1 s
+    assert t.seconds == {"a": 1} and t.spread == 1.0  # the median run is the fastest: one burst does not count
+    t = time_with(iter([0, 10, 13, 13, 16, 16, 17]))  # runs of 3 s, 3 s and 1 s
+    assert t.seconds == {"a": 1} and t.spread == 3.0
+
+
+def test_too_short_context_is_a_clear_error(llama_target):
+    with pytest.raises(ValueError, match="too short"):
+        plan_mod.measure_latency(llama_target, sizes=(300,))
