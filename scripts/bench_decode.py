@@ -73,8 +73,8 @@ def draft_cost(target, head_dir: str, prompts: list[list[int]], max_new: int, **
         for _ in stream_tokens(target, ids, drafter, Sampling(), max_new, st):
             pass
     steps = sum(st.target_forwards for st in stats)
-    return {"plan": str(drafter.plan), "draft_ms": 1000 * spent[0] / steps, "nodes": sum(st.drafted_tokens for st in stats) / steps,
-            "tau": sum(st.new_tokens for st in stats) / steps}
+    return {"plan": str(drafter.plan), "draft_ms": 1000 * spent[0] / steps,
+            "nodes": sum(st.drafted_tokens for st in stats) / steps, "tau": sum(st.new_tokens for st in stats) / steps}
 
 
 def physics(args) -> None:
@@ -109,8 +109,8 @@ def physics(args) -> None:
         share = (c["nodes"] - lo) / (hi - lo) if hi > lo else 0.0
         verify = 1000 * (lat[lo] + share * (lat[hi] - lat[lo]))  # interpolated between the measured sizes
         speed = c["tau"] * 1000 * lat[0] / (verify + c["draft_ms"])
-        print(f"| {name} | {c['plan']} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} | {1000 * lat[0]:.0f} | "
-              f"{c['tau']:.2f} | {speed:.2f}x |")
+        print(f"| {name} | {c['plan']} | {c['nodes']:.1f} | {c['draft_ms']:.1f} | {verify:.0f} | "
+              f"{1000 * lat[0]:.0f} | {c['tau']:.2f} | {speed:.2f}x |")
 
 
 def main() -> None:

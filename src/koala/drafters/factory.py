@@ -44,6 +44,10 @@ def _total_tokens(value: int | str | None) -> int | None:
     return size
 
 
+def _lookup(min_ngram: int) -> PromptLookupDrafter:
+    return PromptLookupDrafter(min_ngram=min_ngram, max_ngram=max(3, min_ngram))
+
+
 def _file_hash(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()[:20]
 
@@ -81,15 +85,15 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
         shapes = [tree] if tree else ["none", "chain", cls.defaults["tree"]]
         depths = [full_depth] if depth is not None else list(range(1, full_depth + 1))
         plans = candidate_plans(shapes, depths, top_k, size)
-        plan = choose_plan(target, plans, build, _file_hash(Path(path) / WEIGHTS), top_k, acceptance)
+        plan = choose_plan(target, plans, build, lambda: _file_hash(Path(path) / WEIGHTS), top_k, acceptance)
         if plan.tree == "none":
             if lookup:
-                return PromptLookupDrafter(min_ngram=lookup, max_ngram=max(3, lookup))
+                return _lookup(lookup)
             plain = Drafter()
             plain.name, plain.plan = cls.name, plan
             return plain
         drafter = build(plan)
     drafter.plan = plan
     if lookup:
-        drafter = FirstOf([PromptLookupDrafter(min_ngram=lookup, max_ngram=max(3, lookup)), drafter])
+        drafter = FirstOf([_lookup(lookup), drafter])
     return GatedDrafter(drafter) if gate else drafter

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from koala.atomic import write_json_atomic
 from koala.drafters.trees import expected_accepted
 from koala.target import Target, cache_dir, device_name, sync
 from koala.tree import DraftTree, verify_inputs
@@ -159,9 +160,7 @@ def _save(file: Path, timings: Timings, about: dict) -> None:
             "seconds": {str(k.key if isinstance(k, Plan) else k): v for k, v in timings.seconds.items()}}
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(file)
+        write_json_atomic(file, data)
     except OSError:
         pass
 
@@ -247,13 +246,14 @@ def candidate_plans(shapes: Sequence[str], depths: Sequence[int], top_k: int,
     return plans
 
 
-def choose_plan(target: Target, plans: Sequence[Plan], build: Callable[[Plan], object], head_key: str,
-                top_k: int, acceptance: Sequence[float]) -> Plan:
-    """The best of `plans` on this device: verify and draft costs measured (or read from the cache)."""
+def choose_plan(target: Target, plans: Sequence[Plan], build: Callable[[Plan], object],
+                head_key: Callable[[], str], top_k: int, acceptance: Sequence[float]) -> Plan:
+    """The best of `plans` on this device: verify and draft costs measured (or read from the cache). `head_key`
+    names the head for the draft profile; it is only called when there is a choice to make."""
     if len(plans) == 1:
         return plans[0]
     drafting = [p for p in plans if p.tree != "none"]
     sizes = {p.depth if p.tree == "chain" else p.total_tokens for p in drafting}
     latency = latency_profile(target, sorted(sizes))
-    draft = draft_profile(target, head_key, build, drafting) if drafting else {}
+    draft = draft_profile(target, head_key(), build, drafting) if drafting else {}
     return best_plan(plans, latency, draft, top_k, acceptance)
