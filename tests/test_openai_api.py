@@ -278,7 +278,7 @@ def test_a_failure_inside_the_model_is_reported_not_fatal(server, monkeypatch):
     def broken(*args):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(app.state.engine.target, "hidden", broken)
+    monkeypatch.setattr(app.state.engine.target, "features", broken)
     r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30)
     assert r.status_code == 500 and "out of memory (simulated)" in r.json()["error"]["message"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": CHAT, "stream": True}, timeout=30) as r:

@@ -216,7 +216,8 @@ class Decoder:
         trees = [self._tree(row) for row in self.live]
         input_ids, pos, mask = batch_verify_inputs([row.pending for row in self.live], trees,
                                                    [row.length for row in self.live], self.width, target.dtype)
-        hidden = target.hidden(input_ids, pos, self.cache, mask)
+        layers = sorted({i for row in self.live for i in row.request.drafter.feature_layers})
+        hidden, aux = target.features(input_ids, pos, self.cache, mask, tuple(layers))
         ms = [row.pending.numel() for row in self.live]
         parts = [hidden[r, m - 1:m + len(t)] for r, (m, t) in enumerate(zip(ms, trees))]
         logits = target.logits(parts[0] if len(parts) == 1 else torch.cat(parts)).split([len(x) for x in parts])
@@ -233,7 +234,8 @@ class Decoder:
             stop = next((i for i, t in enumerate(new) if t in target.eos_ids), None)
             if stop is not None:
                 new = new[:stop + 1]
-            committed = hidden[r, kept[r]] if acc.path else hidden[r, :m]
+            feats = _row_features(req.drafter.feature_layers, hidden[r], aux, r, layers)
+            committed = feats[kept[r]] if acc.path else feats[:m]
             req.drafter.observe(committed, row.ids[len(row.ids) - m + 1:] + accepted)
             row.ids += new
             st.new_tokens += len(new)
@@ -246,6 +248,18 @@ class Decoder:
             row.length = length
         self._leave([row for row in self.live if not row.finished])
         return out
+
+
+def _row_features(wanted: tuple[int, ...], hidden: torch.Tensor, aux: torch.Tensor | None, r: int,
+                  layers: list[int]) -> torch.Tensor:
+    """Row r's features for a drafter reading `wanted` target layers (its final hidden states if none), cut from
+    `aux`, the inputs to `layers` concatenated for the whole batch."""
+    if not wanted:
+        return hidden
+    d = hidden.shape[-1]
+    if list(wanted) == layers:
+        return aux[r]
+    return torch.cat([aux[r, :, layers.index(i) * d:(layers.index(i) + 1) * d] for i in wanted], dim=-1)
 
 
 def stream_tokens(target: Target, prompt_ids: list[int], drafter: Drafter | None = None,

@@ -25,7 +25,30 @@ from koala.data import ReadStats, read_conversations
 
 FORMAT = "koala-hidden-cache/2"
 SHARD_ARRAYS = ("hidden", "ids", "mask", "greedy", "offsets")
+AUX = "aux"  # optional shard array: the inputs to chosen target layers, concatenated (EAGLE-3 style heads)
 MANIFEST = "manifest.json"
+
+
+def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """Low, middle and high target layers whose inputs an EAGLE-3 style head reads: [2, N//2, N-3], the ids
+    llama.cpp's EAGLE-3 support assumes when a draft names none ([2, 15, 27] for a 30-layer target)."""
+    return 2, num_layers // 2, num_layers - 3
+
+
+def parse_aux_layers(text: str, num_layers: int) -> tuple[int, ...]:
+    """--aux-layers: "auto" (default_aux_layers), "none", or comma-separated ids in [0, num_layers]."""
+    if text == "none":
+        return ()
+    if text == "auto":
+        return default_aux_layers(num_layers)
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--aux-layers takes 'auto', 'none' or comma-separated layer ids, not {text!r}.") from None
+    if not ids or any(not 0 <= i <= num_layers for i in ids):
+        raise ValueError(f"--aux-layers ids must lie in [0, {num_layers}] (the target has {num_layers} layers), "
+                         f"got {text!r}.")
+    return ids
 
 
 @dataclass
@@ -152,21 +175,24 @@ def _span(item, length) -> tuple[int, int, int]:
 
 @dataclass
 class Batch:
-    """Right-padded batch: ids/loss_mask/valid (B, T), hidden (B, T, d) final normed target states, and greedy
-    (B, T): the target's argmax next token after position t (-1 where unknown or unneeded)."""
+    """Right-padded batch: ids/loss_mask/valid (B, T), hidden (B, T, d) final normed target states, greedy
+    (B, T): the target's argmax next token after position t (-1 where unknown or unneeded), and aux (B, T, n*d):
+    the inputs to the cache's aux layers, concatenated (None when the cache has none)."""
 
     ids: torch.Tensor
     loss_mask: torch.Tensor
     valid: torch.Tensor
     hidden: torch.Tensor
     greedy: torch.Tensor
+    aux: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.valid.sum())
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.ids, self.loss_mask, self.valid, self.hidden, self.greedy)))
+        return Batch(*(None if t is None else t.to(device) for t in (self.ids, self.loss_mask, self.valid,
+                                                                   self.hidden, self.greedy, self.aux)))
 
 
 def _tensor(x) -> torch.Tensor:
@@ -191,12 +217,15 @@ def _pad(seqs: list[tuple[np.ndarray, ...]]) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.inference_mode()
-def target_hidden(target, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def target_hidden(target, ids: torch.Tensor, valid: torch.Tensor,
+                  aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final normed hidden states for a right-padded batch (padding sits after the real tokens, so causal
-    attention keeps it from changing them)."""
+    attention keeps it from changing them), and the inputs to `aux_layers` concatenated (None if none asked)."""
     pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    out = target.body(input_ids=ids, position_ids=pos, attention_mask=valid.long(), use_cache=False)
-    return out.last_hidden_state
+    out = target.body(input_ids=ids, position_ids=pos, attention_mask=valid.long(), use_cache=False,
+                      output_hidden_states=bool(aux_layers))
+    aux = torch.cat([out.hidden_states[i] for i in aux_layers], dim=-1) if aux_layers else None
+    return out.last_hidden_state, aux
 
 
 class OnlineSource:
@@ -222,7 +251,7 @@ class OnlineSource:
         spans = [_span(it, self.length) for it in items]
         ids, mask, valid, _ = _pad([tuple(x[:b] for x in self.sequences[i]) for i, _, b in spans])
         dev = self.target.device
-        hidden = target_hidden(self.target, ids.to(dev), valid.to(dev)).float().cpu()
+        hidden = target_hidden(self.target, ids.to(dev), valid.to(dev))[0].float().cpu()
         greedy = greedy_from_hidden(self.target, hidden, mask)
         cut = [(ids[r, a:b], mask[r, a:b], greedy[r, a:b]) for r, (_, a, b) in enumerate(spans)]
         ids, mask, valid, greedy = _pad(cut)
@@ -243,12 +272,16 @@ class HiddenCache:
         for p, m in zip(self.paths[1:], self.manifests[1:]):
             if m["target"].get("lm_head_sha256") != self.target.get("lm_head_sha256"):
                 raise ValueError(f"{p} was built from another target than {self.paths[0]}; they cannot be mixed.")
+        layers = {tuple(m.get("aux_layers", ())) for m in self.manifests}
+        # caches with different aux layers mix only without them
+        self.aux_layers: tuple[int, ...] = layers.pop() if len(layers) == 1 else ()
         self._index: list[tuple[int, int, int]] = []  # (shard, start, end) per sequence
         self._shards = []
         for path, manifest in zip(self.paths, self.manifests):
             for shard in manifest["shards"]:
                 d = path / shard["name"]
-                arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in SHARD_ARRAYS}
+                names = SHARD_ARRAYS + ((AUX,) if self.aux_layers else ())
+                arrays = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in names}
                 off = arrays["offsets"]
                 self._index += [(len(self._shards), int(off[i]), int(off[i + 1])) for i in range(len(off) - 1)]
                 self._shards.append(arrays)
@@ -285,22 +318,29 @@ class HiddenCache:
     def batch(self, items: list) -> Batch:
         spans = [_span(it, self.length) for it in items]
         ids, mask, valid, greedy = _pad([tuple(x[a:b] for x in self.tokens(i)) for i, a, b in spans])
-        hidden = torch.zeros(*ids.shape, self.manifest["hidden_size"])
+        d = self.manifest["hidden_size"]
+        hidden = torch.zeros(*ids.shape, d)
+        aux = torch.zeros(*ids.shape, d * len(self.aux_layers)) if self.aux_layers else None
         for row, (i, a, b) in enumerate(spans):
             s, start, _ = self._index[i]
-            hidden[row, :b - a] = torch.from_numpy(
-                np.array(self._shards[s]["hidden"][start + a:start + b], dtype=np.float32))
-        return Batch(ids, mask, valid, hidden, greedy)
+            for name, out in (("hidden", hidden), (AUX, aux)):
+                if out is not None:
+                    out[row, :b - a] = torch.from_numpy(
+                        np.array(self._shards[s][name][start + a:start + b], dtype=np.float32))
+        return Batch(ids, mask, valid, hidden, greedy, aux)
 
 
 def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool], np.ndarray]], hidden: list[np.ndarray],
-                records: list[dict]) -> dict:
-    """Write one shard directory atomically: ids, loss mask, greedy next tokens, offsets, hidden states (fp16)
-    and one small record per sequence (at least its "key", the position of its conversation in the source)."""
+                records: list[dict], aux: list[np.ndarray] | None = None) -> dict:
+    """Write one shard directory atomically: ids, loss mask, greedy next tokens, offsets, hidden states (fp16),
+    optionally the aux-layer states (fp16), and one small record per sequence (at least its "key", the position
+    of its conversation in the source)."""
     lengths = [len(s[0]) for s in seqs]
     with atomic_dir(dirpath) as tmp:
         np.save(tmp / "greedy.npy", np.concatenate([np.asarray(s[2], dtype=np.int32) for s in seqs]))
         np.save(tmp / "hidden.npy", np.concatenate(hidden).astype(np.float16, copy=False))
+        if aux:
+            np.save(tmp / f"{AUX}.npy", np.concatenate(aux).astype(np.float16, copy=False))
         np.save(tmp / "ids.npy", np.concatenate([np.asarray(s[0], dtype=np.int32) for s in seqs]))
         np.save(tmp / "mask.npy", np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in seqs]))
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
@@ -316,8 +356,8 @@ def shard_keys(cache_dir: Path, shards: list[dict]) -> set[int]:
 
 def build_cache(target, data: str | Path, out: str | Path, max_length: int = 1024, batch_tokens: int = 8192,
                 shard_tokens: int = 1 << 18, max_sequences: int | None = None,
-                append: bool = False, progress: bool = True) -> dict:
-    """One target pass over `data` into the cache directory `out`.
+                append: bool = False, progress: bool = True, aux_layers: tuple[int, ...] = ()) -> dict:
+    """One target pass over `data` into the cache directory `out` (also the inputs to `aux_layers`, if any).
 
     A new cache is written to out.tmp and renamed. With append=True an existing cache gets new shards for the
     conversations it does not hold yet (so caching can follow a distillation that is still running); the manifest
@@ -335,6 +375,9 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
             raise ValueError(f"{out} was built from another target ({old.get('target_name')}); cannot append.")
         if old["max_length"] != max_length:
             raise ValueError(f"{out} uses max_length {old['max_length']}; append with the same --max-length.")
+        if tuple(old.get("aux_layers", ())) != tuple(aux_layers):
+            raise ValueError(f"{out} holds aux layers {old.get('aux_layers', [])}; append with the same "
+                             f"--aux-layers.")
     start = time.perf_counter()
     stats = TokenStats()
     done = shard_keys(out, old["shards"]) if old else set()
@@ -349,7 +392,7 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         work.mkdir(parents=True)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][1]))  # similar lengths per batch: little padding
     shards = list((old or {}).get("shards", []))
-    pending_h, pending_s = [], []
+    pending_h, pending_a, pending_s = [], [], []
     bar = tqdm(total=stats.tokens, unit="tok", disable=not progress, mininterval=5, file=sys.stderr)
     i = 0
     while i < len(order):
@@ -358,17 +401,19 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
             j += 1
         chunk = [seqs[k] for k in order[i:j]]
         ids, mask, valid, _ = _pad([(s[1], s[2]) for s in chunk])
-        hidden = target_hidden(target, ids.to(target.device), valid.to(target.device)).float().cpu()
+        hidden, aux = target_hidden(target, ids.to(target.device), valid.to(target.device), aux_layers)
+        hidden = hidden.float().cpu()
         greedy = greedy_from_hidden(target, hidden, mask).numpy()
-        hidden = hidden.numpy()
         for row, s in enumerate(chunk):
-            pending_h.append(hidden[row, :len(s[1])].astype(np.float16))
+            pending_h.append(hidden[row, :len(s[1])].to(torch.float16).numpy())
+            if aux is not None:
+                pending_a.append(aux[row, :len(s[1])].to(torch.float16).cpu().numpy())
             pending_s.append((s[0], s[1], s[2], greedy[row, :len(s[1])]))
         bar.update(int(valid.sum()))
         if sum(len(s[1]) for s in pending_s) >= shard_tokens or j == len(order):
             shards.append(write_shard(work / f"shard{len(shards):04d}", [s[1:] for s in pending_s],
-                                      pending_h, [{"key": s[0]} for s in pending_s]))
-            pending_h, pending_s = [], []
+                                      pending_h, [{"key": s[0]} for s in pending_s], pending_a))
+            pending_h, pending_a, pending_s = [], [], []
         i = j
     bar.close()
 
@@ -381,6 +426,7 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
     manifest = {
         "format": FORMAT, "source": str(data), "target": target.identity, "target_name": target.name,
         "hidden_size": int(target.config.hidden_size), "dtype": "float16", "max_length": max_length,
+        "aux_layers": list(aux_layers),
         "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
         "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,
         "shards": shards, "seconds": round((old or {}).get("seconds", 0) + time.perf_counter() - start, 1),
@@ -395,8 +441,9 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
 def _run(args) -> int:
 
     target = target_from_args(args)
+    aux_layers = parse_aux_layers(args.aux_layers, target.config.num_hidden_layers)
     manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens,
-                           max_sequences=args.max_sequences, append=args.append)
+                           max_sequences=args.max_sequences, append=args.append, aux_layers=aux_layers)
     print(json.dumps({k: v for k, v in manifest.items() if k not in ("shards", "target")}, indent=1))
     return 0
 
@@ -411,5 +458,8 @@ def add_command(sub) -> None:
     p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per target forward pass")
     p.add_argument("--append", action="store_true",
                    help="add the conversations of --data that the existing cache in --out does not hold yet")
+    p.add_argument("--aux-layers", default="none",
+                   help="also store the inputs to these target layers, for eagle3 heads: 'auto' (low, middle, "
+                        "high: [2, N//2, N-3]), 'none', or ids like 2,15,27 (costs n x the hidden-state disk)")
     add_target_args(p)
     p.set_defaults(func=_run)

@@ -164,9 +164,18 @@ class Target:
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final (normed) hidden states of the body for (B, n) ids on top of `cache`, which it extends."""
+        return self.features(input_ids, position_ids, cache, attention_mask)[0]
+
+    @torch.inference_mode()
+    def features(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache,
+                 attention_mask: torch.Tensor | None = None,
+                 layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden`, plus the inputs to the body's `layers` (HF hidden_states[i]) concatenated, from the same
+        forward (None when no layer is asked)."""
         out = self.body(input_ids=input_ids, position_ids=position_ids, cache=cache,
-                        attention_mask=attention_mask, use_cache=True)
-        return out.last_hidden_state
+                        attention_mask=attention_mask, use_cache=True, output_hidden_states=bool(layers))
+        aux = torch.cat([out.hidden_states[i] for i in layers], dim=-1) if layers else None
+        return out.last_hidden_state, aux
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

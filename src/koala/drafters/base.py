@@ -16,11 +16,13 @@ class Drafter:
     The loop calls `reset` once per generation, then alternates `propose` (before each target forward) and
     `observe` (after it). Drafters that read the target's features (Medusa, EAGLE) get them through `observe`:
     `hidden[i]` is the target's final hidden state at the i-th newly committed position and `next_ids[i]` the
-    token that follows it (so `next_ids[-1]` is the token the next tree must continue).
+    token that follows it (so `next_ids[-1]` is the token the next tree must continue). A drafter whose
+    `feature_layers` names target layers gets the inputs to those layers instead, concatenated (EAGLE-3).
     """
 
     name = "vanilla"
     plan = None  # for head drafters: the koala.drafters.plan.Plan they draft with
+    feature_layers: tuple[int, ...] = ()  # () = the final hidden state; else the inputs to these target layers
 
     def fork(self) -> Drafter:
         """A drafter with the same settings (sharing weights) for another sequence decoding at the same time."""

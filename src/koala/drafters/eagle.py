@@ -1,4 +1,5 @@
-"""EAGLE drafting: the head runs autoregressively on its own features, with a small KV cache of its own.
+"""EAGLE drafting (also EAGLE-3 style heads): the head runs autoregressively on its own features, with a small KV
+cache of its own.
 
 After each verify, `observe` feeds the head the true (feature_t, token_{t+1}) pairs of the newly committed
 positions, extending the head cache; its last output predicts the feature of the pending token, whose logits give
@@ -81,3 +82,14 @@ class EagleDrafter(HeadDrafter):
             self.cache.crop(self.committed - self.cache.get_seq_length())  # negative = tokens to drop
             self._feature.clear()
             self._slot.clear()
+
+
+class Eagle3Drafter(EagleDrafter):
+    """The same drafting on an EAGLE-3 style head: `observe` gets the inputs to the head's target layers (the
+    head fuses them), and deeper levels feed back the head's own pre-norm states."""
+
+    name = "eagle3"
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return tuple(self.head.cfg.aux_layers)

@@ -40,6 +40,10 @@ class GatedDrafter(Drafter):
     def plan(self):  # the base class's None would hide the inner drafter's plan from __getattr__
         return self.inner.plan
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.inner.feature_layers
+
     def fork(self) -> GatedDrafter:
         new = super().fork()
         new.inner = self.inner.fork()

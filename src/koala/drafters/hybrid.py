@@ -26,6 +26,14 @@ class FirstOf(Drafter):
     def plan(self):
         return next((d.plan for d in self.drafters if d.plan is not None), None)
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        wanted = {d.feature_layers for d in self.drafters if d.feature_layers}
+        if len(wanted) > 1:
+            raise ValueError(f"FirstOf's drafters read different target layers {sorted(wanted)}; they would need "
+                             f"different features.")
+        return wanted.pop() if wanted else ()
+
     def fork(self) -> FirstOf:
         return FirstOf([d.fork() for d in self.drafters])
 

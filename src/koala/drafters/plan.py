@@ -119,15 +119,16 @@ def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequen
     """Seconds per step a drafter built by `build(plan)` spends in `observe` (two newly committed tokens) plus
     `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan."""
     device, dtype = target.device, target.dtype
-    gen = torch.Generator().manual_seed(0)
     d, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
-    context = torch.randn(CONTEXT, d, generator=gen).to(device, dtype)
-    context_ids = torch.randint(vocab, (CONTEXT,), generator=gen).tolist()
-    step = torch.randn(2, d, generator=gen).to(device, dtype)
-    step_ids = torch.randint(vocab, (2,), generator=gen).tolist()
 
     def job(plan: Plan) -> Callable[[], None]:
         drafter = build(plan)
+        width = d * max(1, len(drafter.feature_layers))  # EAGLE-3 heads read several target layers
+        gen = torch.Generator().manual_seed(0)
+        context = torch.randn(CONTEXT, width, generator=gen).to(device, dtype)
+        context_ids = torch.randint(vocab, (CONTEXT,), generator=gen).tolist()
+        step = torch.randn(2, width, generator=gen).to(device, dtype)
+        step_ids = torch.randint(vocab, (2,), generator=gen).tolist()
         drafter.reset(context_ids)
         drafter.observe(context, context_ids)
 

@@ -20,7 +20,8 @@ def _hf_model(target) -> torch.nn.Module:
 
 @dataclass
 class HeadConfig:
-    """kind "medusa" | "eagle"; `layers` = K (residual blocks per Medusa head, decoder layers for EAGLE)."""
+    """kind "medusa" | "eagle" | "eagle3"; `layers` = K (residual blocks per Medusa head, decoder layers for the
+    EAGLE kinds)."""
 
     kind: str
     layers: int
@@ -31,10 +32,13 @@ class HeadConfig:
     target: dict = field(default_factory=dict)  # identity: architecture, hidden_size, vocab_size, lm_head_sha256
     target_config: dict | None = None  # the target's HF config dict (EAGLE builds its decoder layers from it)
     own_lm_head: bool = False  # True: a trainable copy of the (restricted) LM head instead of the frozen one
+    aux_layers: list[int] | None = None  # EAGLE-3 only: the target layers whose inputs the head reads
 
     def __post_init__(self) -> None:
         if self.layers < 1 or self.num_heads < 1:
             raise ValueError(f"A head needs layers >= 1 and num_heads >= 1 (got {self.layers}, {self.num_heads}).")
+        if self.aux_layers is not None:
+            self.aux_layers = [int(i) for i in self.aux_layers]
         if self.draft_vocab is not None:
             self.draft_vocab = [int(i) for i in self.draft_vocab]
             bad = [i for i in self.draft_vocab if not 0 <= i < self.vocab_size]
@@ -48,7 +52,7 @@ class HeadConfig:
 
     @classmethod
     def for_target(cls, target, kind: str, layers: int, num_heads: int = 4, draft_vocab: list[int] | None = None,
-                   own_lm_head: bool = False) -> "HeadConfig":
+                   own_lm_head: bool = False, aux_layers: list[int] | None = None) -> "HeadConfig":
         """A config for a new head on `target` (a koala Target or an HF CausalLM)."""
         model = _hf_model(target)
         ident = model_identity(model)
@@ -56,7 +60,7 @@ class HeadConfig:
         tcfg = json.loads(json.dumps(model.config.to_dict()))
         return cls(kind=kind, layers=layers, hidden_size=ident["hidden_size"], vocab_size=ident["vocab_size"],
                    num_heads=num_heads, draft_vocab=draft_vocab, target=ident, target_config=tcfg,
-                   own_lm_head=own_lm_head)
+                   own_lm_head=own_lm_head, aux_layers=aux_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)

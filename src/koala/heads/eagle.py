@@ -75,6 +75,20 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+@torch.no_grad()
+def init_layers(layers: nn.ModuleList, std: float) -> None:
+    """Linear weights ~ N(0, std), biases zero; layers after the first start as identity residuals (zeroed output
+    projections), so deepening a head never hurts at step 0."""
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                if i > 0 and name.rsplit(".", 1)[-1] in _OUTPUT_PROJECTIONS:
+                    nn.init.zeros_(module.weight)
+
+
 class EagleHead(nn.Module):
     def __init__(self, cfg: HeadConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
         super().__init__()
@@ -101,17 +115,9 @@ class EagleHead(nn.Module):
     @torch.no_grad()
     def _init_weights(self) -> None:
         d = self.cfg.hidden_size
-        std = float(getattr(self.family, "initializer_range", 0.02))
         self.fc.weight.zero_()
         self.fc.weight[:, :d] = torch.eye(d)
-        for i, layer in enumerate(self.layers):
-            for name, module in layer.named_modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=std)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
-                    if i > 0 and name.rsplit(".", 1)[-1] in _OUTPUT_PROJECTIONS:
-                        nn.init.zeros_(module.weight)
+        init_layers(self.layers, float(getattr(self.family, "initializer_range", 0.02)))
 
     def forward(self, features: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor, cache=None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

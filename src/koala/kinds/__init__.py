@@ -2,10 +2,10 @@
 (see koala.kinds.base) plus its line here."""
 from __future__ import annotations
 
-from koala.kinds import eagle, medusa
+from koala.kinds import eagle, eagle3, medusa
 from koala.kinds.base import HeadKind
 
-KINDS: dict[str, HeadKind] = {k.name: k for k in (medusa.KIND, eagle.KIND)}
+KINDS: dict[str, HeadKind] = {k.name: k for k in (medusa.KIND, eagle.KIND, eagle3.KIND)}
 
 
 def kind(name: str) -> HeadKind:

@@ -22,6 +22,7 @@ class HeadKind:
     formats: the `koala export` layouts; export(head, target, fmt, dtype, out dir) -> (tensors, config, notes for the
     user, {extra file name: writer});
     import_state(cfg, config, tensors, path) -> the head's state dict from such a layout.
+    aux: the head reads the inputs to chosen target layers (EAGLE-3), so its training cache must hold them.
     """
 
     name: str
@@ -33,6 +34,7 @@ class HeadKind:
     formats: tuple[str, ...]
     export: Callable
     import_state: Callable
+    aux: bool = False
 
 
 def take(tensors: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tensor:

@@ -46,7 +46,16 @@ def build(cfg: HeadConfig, target) -> EagleHead:
 def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool, train: bool = True,
                measure: bool = True) -> StepOut:
     """Position t maps (feature t, token t+1) to feature t+1, whose logits predict token t+2: the target's next
-    token after t+1. Unroll step s reads the head's own features from step s-1."""
+    token after t+1; the predicted feature is also regressed onto the target's."""
+    return unrolled_step(head, batch, batch.hidden, vocab, cfg, want_drafts, train, measure, regress=True)
+
+
+def unrolled_step(head, batch: Batch, first: torch.Tensor, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool,
+                  train: bool, measure: bool, regress: bool) -> StepOut:
+    """The supervised step of the EAGLE kinds: step 0 reads `first` (the target features at t) with token t+1;
+    unroll step s reads the head's own outputs from step s-1 (training-time test). Losses: KL to the target's
+    next-token distribution over the draft vocabulary, plus, with `regress`, smooth-L1 of the output onto the
+    target's final hidden state at t+1 (EAGLE-1: outputs are features; EAGLE-3 outputs are the head's own)."""
     from transformers import DynamicCache
 
     h, ids = batch.hidden, batch.ids
@@ -56,7 +65,7 @@ def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_dra
     nxt_ids[:, :-1] = ids[:, 1:]
     pos = torch.arange(T, device=h.device).expand(B, T)
     w = shifted(batch.loss_mask, 2)
-    x = h + (torch.rand_like(h) * 2 - 1) * cfg.noise if train and cfg.noise > 0 else h
+    x = first + (torch.rand_like(first) * 2 - 1) * cfg.noise if train and cfg.noise > 0 else first
     cache = DynamicCache() if cfg.unroll > 0 else None
     loss, parts, acc, preds, weights = h.new_zeros(()), {}, [], [], []
     for s in range(cfg.unroll + 1):
@@ -72,11 +81,14 @@ def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_dra
         if rows[0].numel() == 0:
             acc.append((0, 0))
             continue
-        reg = F.smooth_l1_loss(g[rows], h[rows[0], rows[1] + 1])
         lp = F.log_softmax(head.logits(g[rows].to(head.fc.weight.dtype)).float(), dim=-1)
         dist, parts[f"kl{s + 1}"] = labels.loss(rows[0], rows[1] + 1, lp)
-        loss = loss + cfg.decay ** s * (reg + cfg.ce_weight * dist)
-        parts[f"reg{s + 1}"] = float(reg.detach())
+        if regress:
+            reg = F.smooth_l1_loss(g[rows], h[rows[0], rows[1] + 1])
+            loss = loss + cfg.decay ** s * (reg + cfg.ce_weight * dist)
+            parts[f"reg{s + 1}"] = float(reg.detach())
+        else:
+            loss = loss + cfg.decay ** s * dist
         acc.append((hits(lp, vocab, batch.greedy[rows[0], rows[1] + 1]) if measure else 0, rows[0].numel()))
     out = StepOut(loss, parts, acc)
     if want_drafts:
@@ -88,7 +100,7 @@ def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_dra
             fake_lp = F.log_softmax(head.logits(fake_f.to(head.fc.weight.dtype)).float(), dim=-1)
             real_lp = torch.stack([labels.logprobs(b, t + s + 1) for s in range(S)], dim=1)
             real_f = torch.stack([h[b, t + s + 1] for s in range(S)], dim=1)
-            use = cfg.adv.use_features
+            use = cfg.adv.use_features and regress  # EAGLE-3 outputs are no target features to compare
             out.real = Draft(h[b, t], real_lp, real_f if use else None)
             out.fake = Draft(h[b, t], fake_lp, fake_f if use else None)
     return out

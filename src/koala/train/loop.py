@@ -97,6 +97,17 @@ def _init_head(cfg: TrainConfig, target):
     return init.float()
 
 
+def _aux_layers(cfg: TrainConfig, source, eval_source) -> list[int] | None:
+    """The target layers an EAGLE-3 style head reads: those its training (and held-out) caches hold."""
+    if not kind(cfg.head).aux:
+        return None
+    held = {tuple(getattr(s, "aux_layers", ())) for s in (source, eval_source)}
+    if len(held) != 1 or not held.pop():
+        raise ValueError(f"A {cfg.head} head reads the inputs to three target layers: build its training and "
+                         f"held-out caches with `koala cache --aux-layers auto` (the same layers for both).")
+    return list(source.aux_layers)
+
+
 def _saved_run(out: Path, cfg: TrainConfig, resume: bool, main: bool, progress: bool) -> dict | None:
     """The checkpointed state to resume from (its config wins, but for --max-minutes), or None for a new run."""
     if resume and (out / CKPT / "state.json").is_file():
@@ -182,7 +193,8 @@ def _setup(target, source, out: Path, cfg: TrainConfig, saved: dict | None, devi
         draft_vocab = draft_vocab_from_counts(counts, cfg.draft_vocab, keep=set(target.eos_ids))
     else:
         draft_vocab = None
-    hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab)
+    hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab,
+                                 aux_layers=_aux_layers(cfg, source, eval_source))
     head = build_head(hcfg, target)
     if init is not None:
         head.load_state_dict(init.state_dict())
