@@ -2,7 +2,6 @@
 aux layers, and the EAGLE-3 export layout computed independently of the head's own code."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,7 +10,7 @@ from conftest import tiny_target
 from koala.acceptance import Sampling
 from koala.decode import Decoder, Request, generate
 from koala.drafters.base import Drafter
-from koala.drafters.eagle import Eagle3Drafter, EagleDrafter
+from koala.drafters.eagle import Eagle3Drafter
 from koala.export import export_head, import_head
 from koala.heads import HeadConfig
 from koala.heads.checkpoint import build_head, load_head, save_head
@@ -185,3 +184,18 @@ def test_deeper_heads_are_refused_by_the_eagle3_layouts(llama_target, tmp_path):
     save_head(eagle3_head(llama_target, 1), tmp_path / "h1")
     with pytest.raises(ValueError, match="holds eagle heads"):
         export_head(tmp_path / "h1", "vllm-eagle", tmp_path / "out", llama_target)
+
+
+def test_drafter_for_an_eagle3_head_measures_its_plan_on_three_layer_features(llama_target, tmp_path, monkeypatch):
+    """The factory path end to end: plan measured with 3d-wide synthetic features, prompt lookup first, gate; the
+    wrappers pass the head's layers on, and greedy output stays the target's."""
+    from koala.drafters import plan
+    from koala.drafters.factory import drafter_for_head
+
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(plan, "MAX_SPREAD", float("inf"))
+    save_head(eagle3_head(llama_target, 1), tmp_path / "e3", extra={"acceptance": [0.9, 0.9]})
+    drafter = drafter_for_head(tmp_path / "e3", llama_target, tree="chain", depth=2)
+    assert drafter.feature_layers == tuple(AUX)
+    vanilla = generate(llama_target, PROMPT, max_new_tokens=16)
+    assert generate(llama_target, PROMPT, drafter, max_new_tokens=16).tokens == vanilla.tokens

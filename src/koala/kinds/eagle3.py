@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from koala.drafters.eagle import Eagle3Drafter
-from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
+from koala.heads.config import CONFIG, HeadConfig
 from koala.heads.eagle3 import Eagle3Head
 from koala.kinds import eagle
 from koala.kinds.base import HeadKind, dtype_name, take
