@@ -89,18 +89,33 @@ def init_layers(layers: nn.ModuleList, std: float) -> None:
                     nn.init.zeros_(module.weight)
 
 
+def check_config(cfg: HeadConfig, kind: str, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+    """What an EAGLE-style head needs before it is built: its kind, the target's config, and target embedding and
+    LM head of the configured shapes."""
+    if cfg.kind != kind:
+        raise ValueError(f"This head needs a config of kind {kind!r}, got {cfg.kind!r}.")
+    if not cfg.target_config:
+        raise ValueError(f"A {kind} head needs the target's config (target_config) to build its decoder layers.")
+    for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
+        if tuple(w.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"The target {name} is {tuple(w.shape)} but the head config expects "
+                             f"({cfg.vocab_size}, {cfg.hidden_size}).")
+
+
+def layer_mask(x: torch.Tensor, cache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The additive mask the head's layers take: causal over the cache and this call when none is given, a
+    boolean mask made additive."""
+    if attention_mask is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        return causal_mask(past, x.shape[1], x.dtype, x.device)
+    return additive(attention_mask, x.dtype) if attention_mask.dtype == torch.bool else attention_mask
+
+
 class EagleHead(nn.Module):
     def __init__(self, cfg: HeadConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
         super().__init__()
-        if cfg.kind != "eagle":
-            raise ValueError(f"EagleHead needs a config of kind 'eagle', got {cfg.kind!r}.")
-        if not cfg.target_config:
-            raise ValueError("An EAGLE head needs the target's config (target_config) to build its decoder layers.")
+        check_config(cfg, "eagle", embed_weight, lm_head_weight)
         d = cfg.hidden_size
-        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
-            if tuple(w.shape) != (cfg.vocab_size, d):
-                raise ValueError(f"The target {name} is {tuple(w.shape)} but the head config expects "
-                                 f"({cfg.vocab_size}, {d}).")
         self.cfg = cfg
         self.family = family_config(cfg.target_config, cfg.layers)
         layer_cls, rotary_cls = family_classes(cfg.target_config)
@@ -128,11 +143,7 @@ class EagleHead(nn.Module):
         additive or boolean (B, 1, T, past+T) mask; None means causal over the cache and this call.
         """
         x = self.fc(torch.cat([features, nn.functional.embedding(next_ids, self.embed)], dim=-1))
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = causal_mask(past, x.shape[1], x.dtype, x.device)
-        elif attention_mask.dtype == torch.bool:
-            attention_mask = additive(attention_mask, x.dtype)
+        attention_mask = layer_mask(x, cache, attention_mask)
         rope = self.rotary(x, position_ids)
         for layer in self.layers:
             out = layer(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from koala.heads.config import HeadConfig
-from koala.heads.eagle import additive, causal_mask, family_classes, family_config, init_layers
+from koala.heads.eagle import check_config, family_classes, family_config, init_layers, layer_mask
 from koala.heads.vocab import DraftLMHead
 
 
@@ -36,15 +36,10 @@ class Eagle3Head(nn.Module):
     def __init__(self, cfg: HeadConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
                  final_norm: nn.Module) -> None:
         super().__init__()
-        if cfg.kind != "eagle3":
-            raise ValueError(f"Eagle3Head needs a config of kind 'eagle3', got {cfg.kind!r}.")
-        if not cfg.target_config or not cfg.aux_layers:
-            raise ValueError("An EAGLE-3 head needs the target's config and the target layers it reads (aux_layers).")
+        check_config(cfg, "eagle3", embed_weight, lm_head_weight)
+        if not cfg.aux_layers:
+            raise ValueError("An EAGLE-3 head needs the target layers it reads (aux_layers).")
         d = cfg.hidden_size
-        for name, w in (("embedding", embed_weight), ("LM head", lm_head_weight)):
-            if tuple(w.shape) != (cfg.vocab_size, d):
-                raise ValueError(f"The target {name} is {tuple(w.shape)} but the head config expects "
-                                 f"({cfg.vocab_size}, {d}).")
         self.cfg = cfg
         self.family = family_config(cfg.target_config, cfg.layers)
         layer_cls, rotary_cls = family_classes(cfg.target_config)
@@ -77,11 +72,7 @@ class Eagle3Head(nn.Module):
         """
         h = self.fc(features) if features.shape[-1] != self.cfg.hidden_size else features
         emb = nn.functional.embedding(next_ids, self.embed)
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = causal_mask(past, h.shape[1], h.dtype, h.device)
-        elif attention_mask.dtype == torch.bool:
-            attention_mask = additive(attention_mask, h.dtype)
+        attention_mask = layer_mask(h, cache, attention_mask)
         rope = self.rotary(h, position_ids)
         first, kw = self.layers[0], dict(attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                                          use_cache=cache is not None, position_embeddings=rope)
