@@ -7,7 +7,7 @@ from koala.decode import generate
 from koala.drafters.factory import drafter_for_head
 
 HEADS = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m"
-NAMES = ["medusa", "medusa-koala", "eagle", "eagle-koala"]
+NAMES = ["medusa", "medusa-koala", "eagle", "eagle-koala", "eagle3", "eagle3-koala"]
 
 
 @pytest.mark.parametrize("name", NAMES)
