@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache
 
 from koala.acceptance import Sampling
-from koala.decode import generate, keep_paths, stream_tokens
+from koala.decode import generate, stream_tokens
+from koala.kvcache import keep_paths
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.tree import DraftTree, verify_inputs
 

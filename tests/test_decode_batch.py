@@ -9,7 +9,8 @@ from transformers import DynamicCache
 
 from conftest import tiny_target
 from koala.acceptance import Sampling
-from koala.decode import Stats, generate, generate_batch, keep_paths, stream_batch
+from koala.decode import Stats, generate, generate_batch, stream_batch
+from koala.kvcache import keep_paths
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.drafters.eagle import EagleDrafter
 from koala.drafters.medusa import MedusaDrafter

@@ -59,3 +59,17 @@ def test_eagle_config_needs_the_target_config(llama_target):
     cfg["target_config"] = None
     with pytest.raises(ValueError, match="target's config"):
         build_head(HeadConfig.from_dict(cfg), llama_target)
+
+
+def test_layers_can_start_as_the_targets_last_layers(any_target):
+    head = _head(any_target, layers=2)
+    head.copy_target_layers(any_target.body)
+    for mine, theirs in zip(head.layers, any_target.body.layers[-2:]):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)
+    x, pos = torch.randn(1, 4, 64), torch.arange(4)[None]
+    rope = head.rotary(x, pos)  # and they compute what the target's layer computes
+    torch.testing.assert_close(head.layers[1](x, position_ids=pos, position_embeddings=rope),
+                               any_target.body.layers[-1](x, position_ids=pos, position_embeddings=rope))
+    with pytest.raises(ValueError, match="only"):
+        _head(any_target, layers=len(any_target.body.layers) + 1).copy_target_layers(any_target.body)

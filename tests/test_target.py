@@ -38,3 +38,28 @@ def test_default_target_is_smollm2(smollm2):
     cfg = smollm2.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
     assert smollm2.decode(smollm2.encode("Hi")).strip().endswith("assistant")
+
+
+def test_bf16_one_row_steps_use_gemv_and_give_the_same_tokens(saved_tiny_dir):
+    from torch.overrides import TorchFunctionMode
+
+    from koala.decode import generate
+
+    class CountMv(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            CountMv.calls += func is torch.mv
+            return func(*args, **(kwargs or {}))
+
+    fast = load_target(str(saved_tiny_dir), dtype="bf16")
+    plain = load_target(str(saved_tiny_dir), dtype="bf16")
+    for module in plain.model.modules():  # undo the patch: F.linear everywhere, the reference
+        module.__dict__.pop("forward", None)
+    with CountMv():
+        got = generate(fast, [5, 9, 13], max_new_tokens=12).tokens
+    assert CountMv.calls >= 11 * (7 * 2 + 1)  # every projection of each one-row step after the prompt, LM head too
+    assert got == generate(plain, [5, 9, 13], max_new_tokens=12).tokens
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)  # and the very same bits as F.linear's row
+    q = fast.body.layers[0].self_attn.q_proj
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.weight))

@@ -257,3 +257,13 @@ def test_the_plan_is_refit_when_steps_turn_out_slower():
     run.state.update(step=200, seconds=220.0)
     _plan(run, bar)
     assert cfg.max_steps == 240  # faster again: never longer
+
+
+def test_init_from_target_starts_eagle_layers_as_the_targets_last(llama_target, tmp_path):
+    cache = _teacher_forced_cache(llama_target, tmp_path)
+    cfg = small_cfg(head="eagle", max_steps=1, lr=1e-30, warmup=0, init_from_target=True)
+    head = load_head(train(llama_target, cache, tmp_path / "a", cfg, progress=False)["head_dir"], llama_target)
+    for (name, a), b in zip(head.layers.state_dict().items(), llama_target.body.layers[-2:].state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3, msg=name)  # saved in fp16
+    with pytest.raises(ValueError, match="no layers shaped"):
+        train(llama_target, cache, tmp_path / "b", small_cfg(init_from_target=True), progress=False)

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from koala.acceptance import Accepted, Sampling, accept_greedy, accept_sampling, accept_typical, probs_from_logits
 from koala.drafters.base import Drafter
+from koala.kvcache import ReservedCache, add_rows, drop_rows, keep_paths
 from koala.target import Target
 from koala.tree import DraftTree, batch_verify_inputs
 
@@ -49,45 +49,6 @@ class Result:
     text: str
     tokens: list[int]
     stats: Stats
-
-
-@torch.inference_mode()  # the cache holds inference tensors, which may only be edited in place in this mode
-def keep_paths(cache: DynamicCache, lengths: list[int], width: int, kept: list[list[int]]) -> list[int]:
-    """Compact a batched cache after verification and return the new per-row lengths.
-
-    Row b keeps its history [0, lengths[b]) and the block columns width + kept[b][j], moved in order to
-    lengths[b] + j; the cache is then cut to the longest row, so it never holds more than the longest sequence.
-    """
-    moves = [(b, width + node, n + j) for b, (n, nodes) in enumerate(zip(lengths, kept))
-             for j, node in enumerate(nodes) if width + node != n + j]  # (row, from column, to column)
-    new = [n + len(nodes) for n, nodes in zip(lengths, kept)]
-    end = max(new)
-    for layer in cache.layers:
-        if moves:
-            r, s, d = torch.tensor(moves, dtype=torch.long, device=layer.keys.device).T
-            layer.keys[r, :, d, :] = layer.keys[r, :, s, :]
-            layer.values[r, :, d, :] = layer.values[r, :, s, :]
-        layer.keys = layer.keys[..., :end, :]
-        layer.values = layer.values[..., :end, :]
-    return new
-
-
-@torch.inference_mode()
-def drop_rows(cache: DynamicCache, keep: list[int], length: int) -> None:
-    """Keep only the batch rows `keep` of the cache, cut to `length` columns (finished sequences stop costing)."""
-    for layer in cache.layers:
-        idx = torch.tensor(keep, dtype=torch.long, device=layer.keys.device)
-        layer.keys = layer.keys[idx, :, :length]
-        layer.values = layer.values[idx, :, :length]
-
-
-@torch.inference_mode()
-def add_rows(cache: DynamicCache, count: int) -> None:
-    """Append `count` empty rows (valid length 0) to the cache, for sequences joining a running batch."""
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(count, *layer.keys.shape[1:])])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros(count, *layer.values.shape[1:])])
 
 
 def _accept(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, rule: str,
@@ -149,7 +110,7 @@ class Decoder:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
         self.target, self.max_batch = target, max_batch
-        self.cache = DynamicCache()
+        self.cache = ReservedCache()
         self.live: list[Row] = []  # rows in the cache, in cache-row order
         self.waiting: list[Row] = []  # rows not in the cache yet, in order of arrival
         self.width = 0  # the cache's columns

@@ -59,6 +59,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _one_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        y = torch.mv(self.weight, x.reshape(-1))
+        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def use_gemv_for_one_row(model: torch.nn.Module) -> None:
+    """Route the model's one-row bf16 linears (a plain decoding step) through torch.mv on CPU.
+
+    At one row, F.linear's bf16 GEMM path reads the weights at about half the speed of torch.mv (576x1536: 72 vs
+    41 us on 2 threads), which made a bf16 decoding step slower than fp32 although it reads half the bytes. The
+    results are the same bits (tests); other shapes and dtypes take F.linear as before.
+    """
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = _one_row_linear.__get__(module)
+
+
 class TargetNotFound(RuntimeError):
     """The --target could not be resolved to local weights."""
 
@@ -147,6 +166,8 @@ class Target:
         ids = ids if isinstance(ids, list) else [ids]
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            use_gemv_for_one_row(self.model)
 
     @property
     def identity(self) -> dict:

@@ -9,12 +9,11 @@ true features on the next observe).
 """
 from __future__ import annotations
 
-
 import torch
-from transformers import DynamicCache
 
 from koala.drafters.base import HeadDrafter
 from koala.drafters.trees import Candidates, grow
+from koala.kvcache import ReservedCache
 from koala.tree import DraftTree
 
 
@@ -24,7 +23,7 @@ class EagleDrafter(HeadDrafter):
     default_acceptance = (0.7, 0.65, 0.6, 0.55, 0.5)
 
     def reset(self, prompt_ids: list[int]) -> None:
-        self.cache = DynamicCache()
+        self.cache = ReservedCache()
         self.committed = 0  # positions in the head cache (all with true target features)
         self.root: torch.Tensor | None = None  # predicted feature of the pending token, (d,)
         self._feature: dict[int, torch.Tensor] = {}

@@ -134,6 +134,15 @@ class EagleHead(nn.Module):
         self.fc.weight[:, :d] = torch.eye(d)
         init_layers(self.layers, float(getattr(self.family, "initializer_range", 0.02)))
 
+    @torch.no_grad()
+    def copy_target_layers(self, body: nn.Module) -> None:
+        """Start the K layers as the target's last K decoder layers (same family, same shapes): a deeper head then
+        begins from what the top of the target's own stack computes rather than from noise."""
+        if len(self.layers) > len(body.layers):
+            raise ValueError(f"The head has {len(self.layers)} layers; the target only {len(body.layers)}.")
+        for mine, theirs in zip(self.layers, body.layers[-len(self.layers):]):
+            mine.load_state_dict(theirs.state_dict())
+
     def forward(self, features: torch.Tensor, next_ids: torch.Tensor, position_ids: torch.Tensor, cache=None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted next features (B, T, d).

@@ -20,6 +20,8 @@ class TrainConfig:
                                      non_negative_int)
     init: str | None = option(None, "start from this saved head (same --head and --layers; its draft vocabulary is "
                                     "kept)")
+    init_from_target: bool = option(False, "EAGLE: start the K decoder layers as copies of the target's last K "
+                                           "layers instead of random weights")
     adversarial: bool = option(False, "add KOALA's discriminator term (flags --adv-*, --d-*)")
     adv: AdvConfig = field(default_factory=AdvConfig)
     max_steps: int = option(1000, "optimizer steps", positive_int)

@@ -196,6 +196,10 @@ def _setup(target, source, out: Path, cfg: TrainConfig, saved: dict | None, devi
     hcfg = HeadConfig.for_target(target, cfg.head, cfg.layers, num_heads=cfg.num_heads, draft_vocab=draft_vocab,
                                  aux_layers=_aux_layers(cfg, source, eval_source))
     head = build_head(hcfg, target)
+    if cfg.init_from_target and not saved:
+        if not hasattr(head, "copy_target_layers"):
+            raise ValueError(f"--init-from-target: a {cfg.head} head has no layers shaped like the target's.")
+        head.copy_target_layers(target.body)
     if init is not None:
         head.load_state_dict(init.state_dict())
     head = head.to(device).float().train()

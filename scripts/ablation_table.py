@@ -1,0 +1,61 @@
+"""The KOALA ablation as one markdown table: every finished run under a directory (scripts/ablation.sh), its
+held-out acc@k (agreement with the target's argmax), the mean and spread over seeds, and what a step cost.
+
+    .venv/bin/python scripts/ablation_table.py runs/ablation [--bench runs/bench/ablation/results.json]
+
+With --bench, each cell also gets tau and speedup from a `koala bench` run whose method names are the run names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def cell_of(name: str) -> tuple[str, str]:
+    """'eagle-k2-adv-s1' -> ('eagle-k2-adv', 's1'): runs that differ only in the seed share a cell."""
+    m = re.fullmatch(r"(.+)-(s\d+)", name)
+    return (m.group(1), m.group(2)) if m else (name, "s0")
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs")
+    p.add_argument("--bench", help="koala bench results.json with one method per run name")
+    args = p.parse_args()
+    bench = json.loads(Path(args.bench).read_text())["methods"] if args.bench else {}
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for manifest in sorted(Path(args.runs).glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        name = manifest.parent.name
+        cell, seed = cell_of(name)
+        cells[cell].append({"seed": seed, "m": m, "bench": bench.get(name)})
+    cols = ["cell", "seeds", "acc@1", "acc@2", "acc@3", "tokens", "s/step"]
+    if bench:
+        cols += ["tau", "speedup"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for cell, runs in cells.items():
+        acc = {k: [r["m"]["final_eval"][k] for r in runs if k in r["m"]["final_eval"]] for k in ("acc@1", "acc@2", "acc@3")}
+        row = [cell, ",".join(r["seed"] for r in runs), fmt(acc["acc@1"]), fmt(acc["acc@2"]), fmt(acc["acc@3"]),
+               f"{statistics.mean(r['m']['tokens_seen'] for r in runs) / 1e6:.2f}M",
+               fmt([r["m"]["train_seconds"] / r["m"]["steps"] for r in runs], 2)]
+        if bench:
+            got = [r["bench"] for r in runs if r["bench"]]
+            row += [fmt([b["tau"] for b in got], 2), fmt([b["speedup"] for b in got], 2)]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+import torch
+from transformers import DynamicCache
+
+from koala.kvcache import ReservedCache, add_rows, drop_rows, keep_paths
+
+
+def _append(cache, b, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(b, 2, n, 4, generator=g), torch.randn(b, 2, n, 4, generator=g)
+    for layer in range(2):
+        cache.update(k + layer, v - layer, layer)
+
+
+@torch.inference_mode()
+def test_reserved_cache_holds_what_a_dynamic_cache_holds_through_every_edit():
+    caches = [DynamicCache(), ReservedCache()]
+    edits = [lambda c: _append(c, 2, 5, 0), lambda c: _append(c, 2, 3, 1),
+             lambda c: keep_paths(c, [5, 4], 5, [[2, 0], [1]]), lambda c: _append(c, 2, 300, 2),
+             lambda c: drop_rows(c, [1], 305), lambda c: add_rows(c, 2), lambda c: _append(c, 3, 1, 3),
+             lambda c: keep_paths(c, [300, 0, 0], 305, [[0], [], [0]])]
+    for edit in edits:
+        for cache in caches:
+            edit(cache)
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == 301
+
+
+@torch.inference_mode()
+def test_appending_writes_in_place_instead_of_copying_the_cache():
+    cache = ReservedCache()
+    _append(cache, 1, 10, 0)
+    first = cache.layers[0].keys.data_ptr()
+    for step in range(20):
+        _append(cache, 1, 1, step + 1)
+        assert cache.layers[0].keys.data_ptr() == first  # no new tensor: the old columns were not copied
+    keep_paths(cache, [25], 25, [[0, 3]])  # a verify block of 5, two nodes kept: still the same storage
+    _append(cache, 1, 1, 99)
+    assert cache.layers[0].keys.data_ptr() == first and cache.get_seq_length() == 28
