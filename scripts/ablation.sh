@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The KOALA ablation: K in {1,2,3} x adversarial {off,on} on one cache, one recipe and one step budget, two seeds
-# for the K=1 and K=2 cells, plus adversarial variants at K=2. Every run resumes where it stopped (re-run the
+# for the K=1 and K=2 cells, plus adversarial variants and target-initialised layers at K=2. Every run resumes where it stopped (re-run the
 # script); finished runs are skipped. Then a table of held-out acc@k and training cost:
 #
 #   bash scripts/ablation.sh                         # EAGLE cells on runs/cache/{sharegpt,specbench}
@@ -40,7 +40,10 @@ for kind in $KINDS; do  # seed 0 grid first, then the adversarial variants, then
   done
   train "$kind-k2-advpos-s0" "$kind" 2 --adversarial --adv-level position --seed 0
   train "$kind-k2-advhinge-s0" "$kind" 2 --adversarial --adv-loss hinge --seed 0
-  [ "$kind" = eagle ] && train "$kind-k2-advfeat-s0" "$kind" 2 --adversarial --adv-features --seed 0
+  if [ "$kind" = eagle ]; then
+    train "$kind-k2-advfeat-s0" "$kind" 2 --adversarial --adv-features --seed 0
+    train "$kind-k2-tinit-s0" "$kind" 2 --init-from-target --seed 0  # layers start as the target's last two
+  fi
   for k in 1 2; do
     train "$kind-k$k-s1" "$kind" "$k" --seed 1
     train "$kind-k$k-adv-s1" "$kind" "$k" --adversarial --seed 1

@@ -46,3 +46,24 @@ def take(tensors: dict[str, torch.Tensor], name: str, path: Path) -> torch.Tenso
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# llama config fields copied from the target's config into an exported EAGLE / EAGLE-3 config
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "hidden_act", "rms_norm_eps", "max_position_embeddings", "initializer_range", "bos_token_id",
+                "eos_token_id")
+
+
+def llama_config(tcfg: dict) -> dict:
+    """The target config's llama fields, with rope settings in both spellings: `rope_parameters` (transformers 5)
+    and rope_theta/rope_scaling (older engines read these)."""
+    data = {k: tcfg[k] for k in LLAMA_FIELDS if tcfg.get(k) is not None}
+    params = tcfg.get("rope_parameters") or {}
+    data["rope_theta"] = tcfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = tcfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    data["rope_scaling"] = scaling
+    if params:
+        data["rope_parameters"] = params
+    return data

@@ -17,7 +17,7 @@ from koala.adversarial import Draft
 from koala.drafters.eagle import EagleDrafter
 from koala.heads.config import CONFIG, WEIGHTS, HeadConfig
 from koala.heads.eagle import EagleHead
-from koala.kinds.base import HeadKind, dtype_name, take
+from koala.kinds.base import HeadKind, dtype_name, llama_config, take
 from koala.losses import DraftVocab, Labels, StepOut, hits, sample_rows, shifted, unroll_mask
 
 if TYPE_CHECKING:
@@ -32,10 +32,6 @@ TOKEN_MAP = "token_map.pt"  # SGLang's --speculative-token-map file (it reads it
 LLAMA_LAYER = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                "input_layernorm.weight", "post_attention_layernorm.weight")
-# llama config fields copied from the target's config into an exported EAGLE config
-LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "hidden_act", "rms_norm_eps", "max_position_embeddings", "initializer_range", "bos_token_id",
-                "eos_token_id")  # rope settings are added by _rope_fields
 
 
 def build(cfg: HeadConfig, target) -> EagleHead:
@@ -111,23 +107,9 @@ def blocks(keys: list[str]) -> dict[str, int]:
     return {"layers": len({int(k.split(".")[1]) for k in keys if k.startswith("layers.")})}
 
 
-def _rope_fields(tcfg: dict) -> dict:
-    """Rope settings in both spellings: `rope_parameters` (transformers 5) and rope_theta/rope_scaling (older)."""
-    params = tcfg.get("rope_parameters") or {}
-    out = {"rope_theta": tcfg.get("rope_theta", params.get("rope_theta", 10000.0))}
-    scaling = tcfg.get("rope_scaling")
-    if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    out["rope_scaling"] = scaling
-    if params:
-        out["rope_parameters"] = params
-    return out
-
-
 def _config(cfg: HeadConfig, fmt: str, dtype: torch.dtype) -> dict:
     tcfg = cfg.target_config
-    data = {k: tcfg[k] for k in LLAMA_FIELDS if tcfg.get(k) is not None}
-    data.update(_rope_fields(tcfg))
+    data = llama_config(tcfg)
     data.update(architectures=[ARCHITECTURES[fmt]], model_type="llama", vocab_size=cfg.vocab_size,
                 num_hidden_layers=cfg.layers + 1,  # + the no-op layer 0, see the module docstring
                 tie_word_embeddings=False,  # SGLang aliases lm_head to embed_tokens when tied, then overwrites it

@@ -19,7 +19,7 @@ from koala.drafters.eagle import Eagle3Drafter
 from koala.heads.config import CONFIG, HeadConfig
 from koala.heads.eagle3 import Eagle3Head
 from koala.kinds import eagle
-from koala.kinds.base import HeadKind, dtype_name, take
+from koala.kinds.base import HeadKind, dtype_name, llama_config, take
 from koala.losses import DraftVocab, StepOut
 
 if TYPE_CHECKING:
@@ -51,8 +51,7 @@ def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_dra
 
 def _config(cfg: HeadConfig, dtype: torch.dtype) -> dict:
     tcfg = cfg.target_config
-    data = {k: tcfg[k] for k in eagle.LLAMA_FIELDS if tcfg.get(k) is not None}
-    data.update(eagle._rope_fields(tcfg))
+    data = llama_config(tcfg)
     layers = list(cfg.aux_layers)
     data.update(architectures=[ARCHITECTURE], model_type="llama", num_hidden_layers=1,
                 vocab_size=cfg.vocab_size, draft_vocab_size=cfg.draft_vocab_size,
