@@ -82,7 +82,7 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     assert res["methods"]["vanilla"]["speedup"] == pytest.approx(1.0)
     assert res["methods"]["vanilla"]["tau"] == pytest.approx(1.0)
     assert res["methods"]["hf-generate"]["tau"] == pytest.approx(1.0)  # one forward per token, counted by hook
-    assert res["settings"]["method_specs"]["ek"] == {"kind": "head", "path": str(head), "tree": "dynamic",
+    assert res["settings"]["method_specs"]["ek"] == {"kind": "head", "path": str(head), "dtype": None, "tree": "dynamic",
                                                      "depth": 3, "top_k": 2, "total_tokens": "6",
                                                      "plan": "a dynamic tree of 6 nodes, depth 3"}
     md = (out / "results.md").read_text()
@@ -90,6 +90,29 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     for png in ("speedup_by_category.png", "tau.png", "acceptance_by_depth.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "skipped 1 malformed line" in capsys.readouterr().out
+
+
+def test_methods_in_another_dtype_are_compared_with_their_own_vanilla(saved_tiny_dir, tmp_path):
+    qfile = write_questions(tmp_path / "q.jsonl")
+    head = save_head(random_head(tiny_target("llama"), "eagle", 1), tmp_path / "eagle-head")
+    rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "10",
+               "--threads", "1", "--method", "pld16=pld:dtype=bf16,max_ngram=2",
+               "--method", f"ek16={head}:dtype=bfloat16,tree=chain,depth=2", "--method", "pld",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    methods = res["methods"]
+    assert list(methods) == ["vanilla", "pld16", "ek16", "pld", "vanilla-bfloat16"]  # bf16's reference is added
+    assert [methods[n]["dtype"] for n in methods] == ["float32", "bfloat16", "bfloat16", "float32", "bfloat16"]
+    assert all(m["exact_match"] == 1.0 for m in methods.values())  # each against its own dtype's vanilla
+    assert methods["vanilla-bfloat16"]["speedup_same_dtype"] == pytest.approx(1.0)
+    assert methods["pld"]["speedup_same_dtype"] == pytest.approx(methods["pld"]["speedup"])
+    fastest = max(("vanilla", "vanilla-bfloat16"), key=lambda n: methods[n]["tokens_per_s"])
+    assert methods[fastest]["speedup_vs_fastest_vanilla"] == pytest.approx(1.0)
+    assert res["settings"]["method_specs"]["ek16"]["dtype"] == "bfloat16"
+    assert "| ek16 | bfloat16 |" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="float32"):
+        tiny_target("llama").with_dtype("bf16").with_dtype("fp16")
 
 
 def test_bench_rejects_reserved_name(saved_tiny_dir, tmp_path, capsys):

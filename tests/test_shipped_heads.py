@@ -26,3 +26,19 @@ def test_shipped_head_is_lossless_on_smollm2(smollm2, name):
     result = generate(smollm2, prompt, drafter, max_new_tokens=40)
     assert result.tokens == reference.tokens
     assert result.stats.target_forwards < reference.stats.target_forwards  # the trained head does get accepted
+
+
+@pytest.mark.slow
+def test_bf16_speculation_is_lossless_on_smollm2():
+    """With exact attention (koala.exact_attention), a wide bf16 verify gives the plain bf16 step's tokens; with
+    SDPA half of these answers drifted."""
+    from koala.target import load_target
+
+    target = load_target(dtype="bf16")
+    prompts = ["Summarize the causes of the French Revolution.", "Write a Python function that reverses a list.",
+               "Translate to German: the weather is nice today.", "What is 17 times 23? Explain."]
+    for prompt in prompts:
+        reference = generate(target, prompt, max_new_tokens=64)
+        drafter = drafter_for_head(HEADS / "eagle", target, tree="dynamic", depth=4, top_k=4, total_tokens=16,
+                                   gate=False, lookup=0)
+        assert generate(target, prompt, drafter, max_new_tokens=64).tokens == reference.tokens, prompt

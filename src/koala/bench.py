@@ -24,7 +24,7 @@ from koala.args import add_target_args, non_negative_float, non_negative_int, po
 from koala.build import target_from_args
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
-from koala.target import Target, device_name, sync
+from koala.target import Target, device_name, resolve_dtype, sync
 
 BASELINE = "vanilla"
 BUILTIN = ("vanilla", "hf-generate", "hf-prompt-lookup", "pld")
@@ -61,6 +61,7 @@ class MethodSpec:
     kind: str  # one of BUILTIN, or "head"
     options: dict = field(default_factory=dict)
     path: str | None = None
+    dtype: str | None = None  # None: the target's (--dtype); else this method runs on a copy in that dtype
 
 
 def _parse_options(text: str, allowed: dict[str, type], what: str) -> dict:
@@ -81,7 +82,8 @@ def parse_method(text: str) -> MethodSpec:
     """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-prompt-lookup, pld) or a head
     directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens, gate=on|off,
     lookup=N: prompt lookup of n-grams of at least N tokens first, the head where it finds none, 0 = head alone;
-    pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram)."""
+    pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram; every method: dtype=D, run
+    on a copy of the target in dtype D)."""
     name, sep, spec = text.partition("=")
     if not sep or ":" in name or "/" in name:  # no NAME given: the spec names itself
         name, spec = "", text
@@ -91,10 +93,12 @@ def parse_method(text: str) -> MethodSpec:
         raise ValueError(f"Empty method spec in {text!r}; use NAME=SPEC, e.g. pld or heads/x:tree=dynamic.")
     if spec in BUILTIN:
         allowed = {"pld": PLD_OPTIONS, "hf-prompt-lookup": HF_PLD_OPTIONS}.get(spec, {})
-        return MethodSpec(name.strip() or spec, spec, _parse_options(opts, allowed, spec))
+        options = _parse_options(opts, {**allowed, "dtype": str}, spec)
+        return MethodSpec(name.strip() or spec, spec, options, dtype=options.pop("dtype", None))
     if not Path(spec).is_dir():
         raise ValueError(f"Method {text!r}: {spec!r} is neither one of {BUILTIN} nor an existing head directory.")
-    return MethodSpec(name.strip() or Path(spec).name, "head", _parse_options(opts, HEAD_OPTIONS, spec), spec)
+    options = _parse_options(opts, {**HEAD_OPTIONS, "dtype": str}, spec)
+    return MethodSpec(name.strip() or Path(spec).name, "head", options, spec, options.pop("dtype", None))
 
 
 def _koala_runner(target: Target, drafter: Drafter) -> Runner:
@@ -284,14 +288,26 @@ def _aggregate(results: list[QuestionResult], base: list[QuestionResult]) -> dic
             "tau": tokens / sum(forwards) if None not in forwards and sum(forwards) else None}
 
 
-def summarise(raw: dict[str, list[QuestionResult]], greedy: bool) -> dict:
-    """Per-method and per-category tokens/s, speedup vs vanilla, tau and (greedy only) exact-match rate."""
+def summarise(raw: dict[str, list[QuestionResult]], greedy: bool, dtypes: dict[str, str] | None = None,
+              vanillas: dict[str, str] | None = None) -> dict:
+    """Per-method and per-category tokens/s, speedup vs vanilla, tau and (greedy only) exact-match rate.
+
+    With methods in several dtypes (`dtypes`: method -> dtype, `vanillas`: dtype -> its vanilla method), exact
+    match is against the vanilla of the method's own dtype, and each method also gets its speedup over that
+    vanilla (`speedup_same_dtype`) and over the fastest vanilla of any dtype (`speedup_vs_fastest_vanilla`)."""
     base = raw[BASELINE]
+    dtypes, vanillas = dtypes or {}, vanillas or {}
+    fastest = max(vanillas.values(), key=lambda n: _aggregate(raw[n], base)["tokens_per_s"], default=BASELINE)
     methods = {}
     for name, results in raw.items():
         entry = _aggregate(results, base)
-        entry["exact_match"] = (statistics.fmean(r.tokens == b.tokens for r, b in zip(results, base))
+        own = raw[vanillas.get(dtypes.get(name), BASELINE)]
+        entry["exact_match"] = (statistics.fmean(r.tokens == b.tokens for r, b in zip(results, own))
                                 if greedy else None)
+        if dtypes:
+            entry["dtype"] = dtypes[name]
+            entry["speedup_same_dtype"] = _aggregate(results, own)["speedup"]
+            entry["speedup_vs_fastest_vanilla"] = _aggregate(results, raw[fastest])["speedup"]
         cats = defaultdict(list)
         for i, r in enumerate(results):
             cats[r.category].append(i)
@@ -315,9 +331,16 @@ def markdown(summary: dict) -> str:
              "| method | tokens/s | speedup | lowest category | tau | exact match | drafting plan |",
              "|---|---:|---:|---:|---:|---:|---|"]
     specs = s.get("method_specs", {})
+    dtypes = any("dtype" in m for m in summary["methods"].values())
+    if dtypes:  # methods in several dtypes: which, and the speedups over vanilla in the same and the fastest dtype
+        lines[-2:] = ["| method | dtype | tokens/s | speedup | vs same-dtype vanilla | vs fastest vanilla | "
+                      "lowest category | tau | exact match (same dtype) | drafting plan |",
+                      "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in summary["methods"].items():
         cats = [c["speedup"] for c in m["by_category"].values() if c["speedup"] is not None]
-        lines.append(f"| {name} | {f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | "
+        extra = (f"{m['dtype']} | " if dtypes else "", f"{f(m['speedup_same_dtype'])}x | "
+                 f"{f(m['speedup_vs_fastest_vanilla'])}x | " if dtypes else "")
+        lines.append(f"| {name} | {extra[0]}{f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {extra[1]}"
                      f"{f(min(cats, default=None))}x | {f(m['tau'])} | {f(m['exact_match'], '{:.0%}')} | "
                      f"{specs.get(name, {}).get('plan') or ''} |")
     for name, m in summary["methods"].items():
@@ -341,7 +364,20 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
     if BASELINE in {s.name for s in specs}:
         raise ValueError(f"The name {BASELINE!r} is reserved for the baseline; choose another NAME.")
     specs = [MethodSpec(BASELINE, BASELINE)] + specs
-    methods = {s.name: build_runner(s, target) for s in specs}
+    targets = {target.dtype: target}
+    for s in specs:
+        if s.dtype is not None:
+            s.dtype = str(resolve_dtype(s.dtype, target.device.type)).removeprefix("torch.")
+            if getattr(torch, s.dtype) not in targets:
+                targets[getattr(torch, s.dtype)] = target.with_dtype(s.dtype)
+                if not any(o.kind == BASELINE and o.dtype == s.dtype for o in specs):  # each dtype's reference
+                    specs.append(MethodSpec(f"{BASELINE}-{s.dtype}", BASELINE, dtype=s.dtype))
+    main = str(target.dtype).removeprefix("torch.")
+    dtypes = {s.name: s.dtype or main for s in specs} if len(targets) > 1 else None
+    vanillas = {dtypes[s.name]: s.name for s in reversed(specs) if s.kind == BASELINE} if dtypes else None
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"Method names must be unique, got {[s.name for s in specs]}.")
+    methods = {s.name: build_runner(s, targets[getattr(torch, s.dtype)] if s.dtype else target) for s in specs}
     bar = tqdm(questions, desc="bench", unit="q", disable=not show_progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -367,9 +403,9 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
                      "max_new_tokens": max_new_tokens, "temperature": sampling.temperature,
                      "top_p": sampling.top_p, "top_k": sampling.top_k, "runs": runs, "seed": seed,
                      "torch_threads": torch.get_num_threads(),
-                     "method_specs": {s.name: {"kind": s.kind, "path": s.path, **s.options,
+                     "method_specs": {s.name: {"kind": s.kind, "path": s.path, "dtype": s.dtype, **s.options,
                                                "plan": getattr(methods[s.name], "plan", None)} for s in specs}},
-        "methods": summarise(raw, sampling.greedy),
+        "methods": summarise(raw, sampling.greedy, dtypes, vanillas),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(markdown(summary))

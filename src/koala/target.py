@@ -166,8 +166,23 @@ class Target:
         ids = ids if isinstance(ids, list) else [ids]
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
+            from koala.exact_attention import use_exact_attention
+
+            use_exact_attention(self.model)  # lossless speculative decoding in half precision (see the module)
             use_gemv_for_one_row(self.model)
+
+    def with_dtype(self, dtype: str | torch.dtype) -> Target:
+        """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""
+        import copy
+
+        dtype = resolve_dtype(dtype, self.device.type)
+        if dtype == self.dtype:
+            return self
+        if self.dtype != torch.float32:
+            raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
+                             f"--dtype float32 and name the other dtypes per method.")
+        return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name)
 
     @property
     def identity(self) -> dict:

@@ -1,0 +1,64 @@
+"""Attention whose result for a query row does not depend on what else is in the call: lossless bf16 on CPU.
+
+Speculative decoding is lossless only if verifying a tree of n tokens gives each token the same logits a plain
+one-token step would. In bf16 on CPU that fails with SDPA: its kernels group queries, split keys into blocks and
+pick GEMM kernels by shape, so a row's attention output moves by a rounding error that bf16 (8 bits of mantissa)
+turns into a visible change, and near-tied argmaxes flip (15-23% of Spec-Bench answers stayed identical to plain
+bf16 decoding). The linears, norms and the LM head are row-invariant already (tested); attention was the culprit.
+
+Here scores, softmax and the weighted sum run in float64 and only the result is rounded to the model's dtype: the
+shape-dependent differences are then ~1e-16 relative, far below bf16's rounding step, so the rounded rows agree.
+It costs a few ms per decoding step (small matrices; the weights' matmuls dominate) and more on long prompts, where
+queries are processed in chunks to bound memory.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "koala_exact"
+CHUNK = 256  # query rows per float64 block (scores take CHUNK x keys x 8 bytes per head)
+NEG = torch.finfo(torch.float64).min  # not -inf: a fully masked padding row gets a uniform softmax, never NaN
+
+
+def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query (B, H, q, D), key/value (B, KVH, L, D), an additive or boolean
+    (B, 1, q, L) mask or None (causal, the queries being the last q positions) -> ((B, q, H, D), None)."""
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scale = scaling if scaling is not None else d ** -0.5
+    k, v = key.double().transpose(-1, -2), value.double()
+    out = torch.empty(b, kv_heads, group, q, d, dtype=torch.float64, device=query.device)
+    grouped = query.reshape(b, kv_heads, group, q, d)  # the query heads sharing a KV head read it once
+    for start in range(0, q, CHUNK):
+        stop = min(q, start + CHUNK)
+        s = torch.matmul(grouped[:, :, :, start:stop].double().flatten(2, 3), k).mul_(scale)
+        s = s.view(b, kv_heads, group, stop - start, length)
+        s = _masked(s, attention_mask, start, stop, length, q)
+        out[:, :, :, start:stop] = torch.matmul(torch.softmax(s, dim=-1).flatten(2, 3), v).view(
+            b, kv_heads, group, stop - start, d)
+    return out.view(b, heads, q, d).transpose(1, 2).to(query.dtype), None
+
+
+def _masked(s: torch.Tensor, mask: torch.Tensor | None, start: int, stop: int, length: int, q: int) -> torch.Tensor:
+    if mask is None:  # causal: query i (of the last q positions) sees keys up to length - q + i
+        rows = torch.arange(start, stop, device=s.device)[:, None] + (length - q)
+        allowed = torch.arange(length, device=s.device)[None, :] <= rows
+        return s.masked_fill_(~allowed, NEG)
+    mask = mask[:, :, None, start:stop, :length]  # (B, 1, 1, rows, L): broadcast over KV heads and groups
+    if mask.dtype == torch.bool:
+        return s.masked_fill_(~mask, NEG)
+    return s.add_(mask.double())
+
+
+AttentionInterface.register(NAME, exact_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself: boolean, or None = causal
+
+
+def use_exact_attention(model: torch.nn.Module) -> None:
+    """Switch a transformers model to exact_attention (and keep its own mask building as for eager/SDPA)."""
+    model.set_attn_implementation(NAME)

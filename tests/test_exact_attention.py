@@ -1,0 +1,73 @@
+"""Half-precision attention that gives each query row the same bits whatever else shares the call."""
+import pytest
+import torch
+
+from koala.decode import generate
+from koala.drafters import PromptLookupDrafter
+from koala.exact_attention import exact_attention
+
+from conftest import tiny_target
+
+
+class _Attn(torch.nn.Module):
+    num_key_value_groups = 3
+
+
+def _qkv(seed, q, length, heads=6, kv_heads=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, heads, q, d, generator=g).bfloat16(), torch.randn(1, kv_heads, length, d, generator=g).bfloat16(),
+            torch.randn(1, kv_heads, length, d, generator=g).bfloat16())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_row_is_the_same_alone_and_inside_a_tree_verify(seed):
+    past, n = 40 + 7 * seed, 16
+    q, k, v = _qkv(seed, n, past + n)
+    parents = [-1] + [torch.randint(0, i, (1,), generator=torch.Generator().manual_seed(seed * 100 + i)).item()
+                      for i in range(1, n)]
+    allowed = torch.zeros(n, past + n, dtype=torch.bool)
+    allowed[:, :past] = True
+    for i, p in enumerate(parents):  # each node sees the cache, its ancestors and itself
+        allowed[i, past + i] = True
+        while p >= 0:
+            allowed[i, past + p] = True
+            p = parents[p]
+    mask = torch.zeros(1, 1, n, past + n, dtype=torch.bfloat16).masked_fill_(~allowed, torch.finfo(torch.bfloat16).min)
+    tree, _ = exact_attention(_Attn(), q, k, v, mask)
+    for i in range(n):  # the same row computed as a one-token step over exactly the keys it may see
+        keys = allowed[i].nonzero().squeeze(1)
+        alone, _ = exact_attention(_Attn(), q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys], None)
+        assert torch.equal(alone[0, 0], tree[0, i])
+
+
+def test_no_mask_means_causal_and_long_inputs_are_chunked(monkeypatch):
+    q, k, v = _qkv(0, 12, 20)
+    full, _ = exact_attention(_Attn(), q, k, v, None)
+    monkeypatch.setattr("koala.exact_attention.CHUNK", 5)
+    chunked, _ = exact_attention(_Attn(), q, k, v, None)
+    assert torch.equal(full, chunked)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(3, 1), v.float().repeat_interleave(3, 1),
+        attn_mask=torch.ones(12, 20, dtype=torch.bool).tril(8))
+    torch.testing.assert_close(full.float(), ref.transpose(1, 2), atol=1e-2, rtol=1e-2)
+
+
+def _bf16(seed):
+    target = tiny_target("llama", seed=seed)
+    return type(target)(target.model.bfloat16(), target.tokenizer, target.name)
+
+
+def _mismatches(target) -> int:
+    prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [7, 8, 9, 10, 7, 8, 9, 10, 7], [20, 21, 22, 23, 20, 21]]
+    return sum(generate(target, ids, max_new_tokens=40).tokens
+               != generate(target, ids, drafter=PromptLookupDrafter(min_ngram=1), max_new_tokens=40).tokens
+               for ids in prompts)
+
+
+def test_bf16_targets_on_cpu_use_it_and_speculation_stays_lossless():
+    targets = [_bf16(seed) for seed in (1, 4)]  # models where SDPA's bf16 verification changes the output
+    assert all(t.model.config._attn_implementation == "koala_exact" for t in targets)
+    assert sum(map(_mismatches, targets)) == 0
+    for target in targets:  # the control (torch 2.13): the same models with SDPA are not lossless
+        target.model.set_attn_implementation("sdpa")
+    assert sum(map(_mismatches, targets)) > 0
