@@ -46,7 +46,7 @@ def main() -> None:
         cols += ["tau", "speedup"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    for cell, runs in cells.items():
+    for cell, runs in sorted(cells.items()):
         acc = {k: [r["m"]["final_eval"][k] for r in runs if k in r["m"]["final_eval"]] for k in ("acc@1", "acc@2", "acc@3")}
         row = [cell, ",".join(r["seed"] for r in runs), fmt(acc["acc@1"]), fmt(acc["acc@2"]), fmt(acc["acc@3"]),
                f"{statistics.mean(r['m']['tokens_seen'] for r in runs) / 1e6:.2f}M",

@@ -350,6 +350,27 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_dtype(target: Target, specs: list[MethodSpec]) -> tuple[dict[str, Target], dict | None, dict | None]:
+    """Copies of the target for methods that name another dtype, and for each such dtype a vanilla (added to
+    `specs` unless given) as its reference: (dtype -> target, method -> dtype, dtype -> its vanilla), the last two
+    None when every method runs in the target's dtype."""
+    main = str(target.dtype).removeprefix("torch.")
+    targets = {main: target}
+    for s in specs:
+        if s.dtype is not None:
+            s.dtype = str(resolve_dtype(s.dtype, target.device.type)).removeprefix("torch.")
+            if s.dtype not in targets:
+                targets[s.dtype] = target.with_dtype(s.dtype)
+                if not any(o.kind == BASELINE and o.dtype == s.dtype for o in specs):
+                    specs.append(MethodSpec(f"{BASELINE}-{s.dtype}", BASELINE, dtype=s.dtype))
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"Method names must be unique, got {[s.name for s in specs]}.")
+    if len(targets) == 1:
+        return targets, None, None
+    dtypes = {s.name: s.dtype or main for s in specs}
+    return targets, dtypes, {dtypes[s.name]: s.name for s in reversed(specs) if s.kind == BASELINE}
+
+
 def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], out_dir: str | Path,
           sampling: Sampling = Sampling(), max_new_tokens: int = 128, runs: int = 1,
           limit_per_category: int | None = None, seed: int = 0, show_progress: bool = True) -> dict:
@@ -364,20 +385,8 @@ def bench(target: Target, questions_file: str | Path, specs: list[MethodSpec], o
     if BASELINE in {s.name for s in specs}:
         raise ValueError(f"The name {BASELINE!r} is reserved for the baseline; choose another NAME.")
     specs = [MethodSpec(BASELINE, BASELINE)] + specs
-    targets = {target.dtype: target}
-    for s in specs:
-        if s.dtype is not None:
-            s.dtype = str(resolve_dtype(s.dtype, target.device.type)).removeprefix("torch.")
-            if getattr(torch, s.dtype) not in targets:
-                targets[getattr(torch, s.dtype)] = target.with_dtype(s.dtype)
-                if not any(o.kind == BASELINE and o.dtype == s.dtype for o in specs):  # each dtype's reference
-                    specs.append(MethodSpec(f"{BASELINE}-{s.dtype}", BASELINE, dtype=s.dtype))
-    main = str(target.dtype).removeprefix("torch.")
-    dtypes = {s.name: s.dtype or main for s in specs} if len(targets) > 1 else None
-    vanillas = {dtypes[s.name]: s.name for s in reversed(specs) if s.kind == BASELINE} if dtypes else None
-    if len({s.name for s in specs}) != len(specs):
-        raise ValueError(f"Method names must be unique, got {[s.name for s in specs]}.")
-    methods = {s.name: build_runner(s, targets[getattr(torch, s.dtype)] if s.dtype else target) for s in specs}
+    targets, dtypes, vanillas = _per_dtype(target, specs)
+    methods = {s.name: build_runner(s, targets[dtypes[s.name]] if dtypes else target) for s in specs}
     bar = tqdm(questions, desc="bench", unit="q", disable=not show_progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def use_gemv_for_one_row(model: torch.nn.Module) -> None:
     """Route the model's one-row bf16 linears (a plain decoding step) through torch.mv on CPU.
 
     At one row, F.linear's bf16 GEMM path reads the weights at about half the speed of torch.mv (576x1536: 72 vs
-    41 us on 2 threads), which made a bf16 decoding step slower than fp32 although it reads half the bytes. The
+    41 us on 2 threads), one reason a bf16 decoding step was slower than fp32 although it reads half the bytes. The
     results are the same bits (tests); other shapes and dtypes take F.linear as before.
     """
     for module in model.modules():

@@ -173,7 +173,8 @@ def _profile_file(kind: str, parts: list) -> Path:
 def _target_key(target: Target) -> list:
     cfg = target.config
     return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
-            cfg.num_hidden_layers, str(target.dtype), target.identity["lm_head_sha256"], CONTEXT]
+            cfg.num_hidden_layers, str(target.dtype), getattr(cfg, "_attn_implementation", None),
+            target.identity["lm_head_sha256"], CONTEXT]
 
 
 def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:
