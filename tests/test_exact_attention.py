@@ -71,3 +71,14 @@ def test_bf16_targets_on_cpu_use_it_and_speculation_stays_lossless():
     for target in targets:  # the control (torch 2.13): the same models with SDPA are not lossless
         target.model.set_attn_implementation("sdpa")
     assert sum(map(_mismatches, targets)) > 0
+
+
+def test_bf16_batches_give_each_row_its_single_sequence_tokens():
+    from koala.decode import generate_batch
+
+    target = _bf16(4)  # with SDPA its batched rows drift from the single-sequence ones
+    prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [7, 8, 9, 10, 7, 8, 9, 10, 7], [20, 21, 22, 23, 20, 21], [30, 31]]
+    alone = [generate(target, ids, max_new_tokens=24).tokens for ids in prompts]
+    batched = generate_batch(target, prompts, lambda: PromptLookupDrafter(min_ngram=1), max_new_tokens=24,
+                             batch_size=3)  # the fourth joins a running batch
+    assert [r.tokens for r in batched] == alone
