@@ -82,3 +82,20 @@ def test_bf16_batches_give_each_row_its_single_sequence_tokens():
     batched = generate_batch(target, prompts, lambda: PromptLookupDrafter(min_ngram=1), max_new_tokens=24,
                              batch_size=3)  # the fourth joins a running batch
     assert [r.tokens for r in batched] == alone
+
+
+@pytest.mark.parametrize("masked", ["none", "bool", "additive"])
+def test_long_prefill_chunks_skip_unseen_keys_without_changing_the_result(monkeypatch, masked):
+    q, k, v = _qkv(7, 40, 50)
+    allowed = torch.ones(40, 50, dtype=torch.bool).tril(10)
+    mask = {"none": None, "bool": allowed[None, None],
+            "additive": torch.zeros(1, 1, 40, 50, dtype=torch.bfloat16).masked_fill_(
+                ~allowed, torch.finfo(torch.bfloat16).min)}[masked]
+    whole, _ = exact_attention(_Attn(), q, k, v, mask)  # one chunk: every key
+    monkeypatch.setattr("koala.exact_attention.CHUNK", 8)
+    seen = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append(b.shape[-1]) or real(a, b))
+    chunked, _ = exact_attention(_Attn(), q, k, v, mask)
+    assert torch.equal(whole, chunked)
+    assert seen[0::2] == [18, 26, 34, 42, 50]  # QK^T per chunk: only the keys its rows may see
