@@ -1,5 +1,5 @@
 """The KOALA ablation as one markdown table: every finished run under a directory (scripts/ablation.sh), its
-held-out acc@k (agreement with the target's argmax), the mean and spread over seeds, and what a step cost.
+held-out acc@k (agreement with the target's argmax), the mean and spread (stdev) over seeds, tokens and steps.
 
     .venv/bin/python scripts/ablation_table.py runs/ablation [--bench runs/bench/ablation/results.json]
 
@@ -34,26 +34,30 @@ def main() -> None:
     p.add_argument("runs")
     p.add_argument("--bench", help="koala bench results.json with one method per run name")
     args = p.parse_args()
-    bench = json.loads(Path(args.bench).read_text())["methods"] if args.bench else {}
+    results = json.loads(Path(args.bench).read_text()) if args.bench else {}
+    bench = results.get("methods", {})
+    plans = {n: spec.get("plan") for n, spec in results.get("settings", {}).get("method_specs", {}).items()}
     cells: dict[str, list[dict]] = defaultdict(list)
     for manifest in sorted(Path(args.runs).glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
         name = manifest.parent.name
         cell, seed = cell_of(name)
-        cells[cell].append({"seed": seed, "m": m, "bench": bench.get(name)})
-    cols = ["cell", "seeds", "acc@1", "acc@2", "acc@3", "tokens", "s/step"]
+        cells[cell].append({"seed": seed, "m": m, "bench": bench.get(name), "plan": plans.get(name)})
+    cols = ["cell", "seeds", "acc@1", "acc@2", "tokens", "steps"]
     if bench:
-        cols += ["tau", "speedup"]
+        cols += ["tau", "speedup", "lowest category", "drafting plan"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for cell, runs in sorted(cells.items()):
-        acc = {k: [r["m"]["final_eval"][k] for r in runs if k in r["m"]["final_eval"]] for k in ("acc@1", "acc@2", "acc@3")}
-        row = [cell, ",".join(r["seed"] for r in runs), fmt(acc["acc@1"]), fmt(acc["acc@2"]), fmt(acc["acc@3"]),
+        acc = {k: [r["m"]["final_eval"][k] for r in runs] for k in ("acc@1", "acc@2")}
+        row = [cell, ",".join(r["seed"] for r in runs), fmt(acc["acc@1"]), fmt(acc["acc@2"]),
                f"{statistics.mean(r['m']['tokens_seen'] for r in runs) / 1e6:.2f}M",
-               fmt([r["m"]["train_seconds"] / r["m"]["steps"] for r in runs], 2)]
+               ",".join(sorted({str(r["m"]["steps"]) for r in runs}))]
         if bench:
             got = [r["bench"] for r in runs if r["bench"]]
-            row += [fmt([b["tau"] for b in got], 2), fmt([b["speedup"] for b in got], 2)]
+            low = [min(c["speedup"] for c in b["by_category"].values()) for b in got]
+            row += [fmt([b["tau"] for b in got], 2), fmt([b["speedup"] for b in got], 2), fmt(low, 2),
+                    "; ".join(sorted({r["plan"] for r in runs if r["plan"]}))]
         print("| " + " | ".join(row) + " |")
 
 
