@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The KOALA ablation: K in {1,2,3} x adversarial {off,on} on one cache, one recipe and one step budget, two
 # seeds for the K=1 and K=2 cells, plus adversarial variants and target-initialised layers at K=2. Every run
-# resumes where it stopped (re-run the script); finished runs are skipped. Then a table of held-out acc@k and
-# training cost:
+# resumes where it stopped (re-run the script); finished runs are skipped. Then a table of held-out acc@k,
+# tokens and steps per cell:
 #
 #   bash scripts/ablation.sh                         # EAGLE cells on runs/cache/{sharegpt,specbench}
 #   KINDS="eagle medusa" STEPS=200 bash scripts/ablation.sh

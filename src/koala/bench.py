@@ -24,6 +24,7 @@ from koala.args import add_target_args, non_negative_float, non_negative_int, po
 from koala.build import target_from_args
 from koala.decode import Stats, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
+from koala.kinds.base import dtype_name
 from koala.target import Target, device_name, resolve_dtype, sync
 
 BASELINE = "vanilla"
@@ -338,9 +339,9 @@ def markdown(summary: dict) -> str:
                       "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in summary["methods"].items():
         cats = [c["speedup"] for c in m["by_category"].values() if c["speedup"] is not None]
-        extra = (f"{m['dtype']} | " if dtypes else "", f"{f(m['speedup_same_dtype'])}x | "
-                 f"{f(m['speedup_vs_fastest_vanilla'])}x | " if dtypes else "")
-        lines.append(f"| {name} | {extra[0]}{f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {extra[1]}"
+        dtype = f"{m['dtype']} | " if dtypes else ""
+        vs = f"{f(m['speedup_same_dtype'])}x | {f(m['speedup_vs_fastest_vanilla'])}x | " if dtypes else ""
+        lines.append(f"| {name} | {dtype}{f(m['tokens_per_s'], '{:.1f}')} | {f(m['speedup'])}x | {vs}"
                      f"{f(min(cats, default=None))}x | {f(m['tau'])} | {f(m['exact_match'], '{:.0%}')} | "
                      f"{specs.get(name, {}).get('plan') or ''} |")
     for name, m in summary["methods"].items():
@@ -354,11 +355,11 @@ def _per_dtype(target: Target, specs: list[MethodSpec]) -> tuple[dict[str, Targe
     """Copies of the target for methods that name another dtype, and for each such dtype a vanilla (added to
     `specs` unless given) as its reference: (dtype -> target, method -> dtype, dtype -> its vanilla), the last two
     None when every method runs in the target's dtype."""
-    main = str(target.dtype).removeprefix("torch.")
+    main = dtype_name(target.dtype)
     targets = {main: target}
     for s in specs:
         if s.dtype is not None:
-            s.dtype = str(resolve_dtype(s.dtype, target.device.type)).removeprefix("torch.")
+            s.dtype = dtype_name(resolve_dtype(s.dtype, target.device.type))
             if s.dtype not in targets:
                 targets[s.dtype] = target.with_dtype(s.dtype)
                 if not any(o.kind == BASELINE and o.dtype == s.dtype for o in specs):
