@@ -73,6 +73,14 @@ def test_bf16_targets_on_cpu_use_it_and_speculation_stays_lossless():
     assert sum(map(_mismatches, targets)) > 0
 
 
+def test_work_that_verifies_nothing_can_keep_sdpa():
+    target = tiny_target("llama", seed=1)
+    fast = type(target)(target.model, target.tokenizer, target.name, exact_attention=False).with_dtype("bf16")
+    assert fast.dtype == torch.bfloat16  # distill / cache / train: faster, and they verify no drafts
+    assert fast.model.config._attn_implementation == "sdpa"
+    assert target.with_dtype("bf16").model.config._attn_implementation == "koala_exact"
+
+
 def test_bf16_batches_give_each_row_its_single_sequence_tokens():
     from koala.decode import generate_batch
 

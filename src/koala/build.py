@@ -10,8 +10,9 @@ from koala.drafters.factory import drafter_for_head
 from koala.target import Target, load_target
 
 
-def target_from_args(args: argparse.Namespace) -> Target:
-    return load_target(args.target, args.device, args.dtype, args.trust_remote_code)
+def target_from_args(args: argparse.Namespace, exact_attention: bool = True) -> Target:
+    """exact_attention=False for commands that never verify drafts (koala.exact_attention costs them time)."""
+    return load_target(args.target, args.device, args.dtype, args.trust_remote_code, exact_attention)
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:

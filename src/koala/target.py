@@ -157,6 +157,7 @@ class Target:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    exact_attention: bool = True  # False: keep SDPA in half precision (work that never verifies drafts is faster)
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
@@ -169,7 +170,8 @@ class Target:
         if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
             from koala.exact_attention import use_exact_attention
 
-            use_exact_attention(self.model)  # lossless speculative decoding in half precision (see the module)
+            if self.exact_attention:
+                use_exact_attention(self.model)  # lossless speculative decoding in half precision (see the module)
             use_gemv_for_one_row(self.model)
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
@@ -182,7 +184,7 @@ class Target:
         if self.dtype != torch.float32:
             raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
                              f"--dtype float32 and name the other dtypes per method.")
-        return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name)
+        return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name, self.exact_attention)
 
     @property
     def identity(self) -> dict:
@@ -245,8 +247,9 @@ class Target:
 
 
 def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
-                trust_remote_code: bool = False) -> Target:
-    """Resolve --target: 'smollm2' (default), a local HF directory, a .gguf file, or a hub id already cached."""
+                trust_remote_code: bool = False, exact_attention: bool = True) -> Target:
+    """Resolve --target: 'smollm2' (default), a local HF directory, a .gguf file, or a hub id already cached.
+    exact_attention=False where no draft is ever verified (distilling, caching, training): see Target."""
     name = name or DEFAULT_TARGET
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
@@ -272,4 +275,4 @@ def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch
             ) from e
     else:
         raise TargetNotFound(f"Target {name!r} is neither 'smollm2', an existing path, nor a hub id (org/name).")
-    return Target(model.to(device), tokenizer, name)
+    return Target(model.to(device), tokenizer, name, exact_attention)
