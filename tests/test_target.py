@@ -40,26 +40,13 @@ def test_default_target_is_smollm2(smollm2):
     assert smollm2.decode(smollm2.encode("Hi")).strip().endswith("assistant")
 
 
-def test_bf16_one_row_steps_use_gemv_and_give_the_same_tokens(saved_tiny_dir):
-    from torch.overrides import TorchFunctionMode
-
+def test_bf16_targets_use_invariant_linears_and_give_the_same_tokens(saved_tiny_dir):
     from koala.decode import generate
-
-    class CountMv(TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            CountMv.calls += func is torch.mv
-            return func(*args, **(kwargs or {}))
 
     fast = load_target(str(saved_tiny_dir), dtype="bf16")
     plain = load_target(str(saved_tiny_dir), dtype="bf16")
     for module in plain.model.modules():  # undo the patch: F.linear everywhere, the reference
         module.__dict__.pop("forward", None)
-    with CountMv():
-        got = generate(fast, [5, 9, 13], max_new_tokens=12).tokens
-    assert CountMv.calls >= 11 * (7 * 2 + 1)  # every projection of each one-row step after the prompt, LM head too
-    assert got == generate(plain, [5, 9, 13], max_new_tokens=12).tokens
-    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)  # and the very same bits as F.linear's row
-    q = fast.body.layers[0].self_attn.q_proj
-    assert torch.equal(q(x), torch.nn.functional.linear(x, q.weight))
+    assert "forward" in vars(fast.body.layers[0].self_attn.q_proj) and "forward" in vars(fast.lm_head)
+    assert generate(fast, [5, 9, 13], max_new_tokens=12).tokens == generate(plain, [5, 9, 13], max_new_tokens=12).tokens
+    assert "forward" not in vars(load_target(str(saved_tiny_dir)).lm_head)  # fp32 keeps F.linear

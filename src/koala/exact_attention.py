@@ -4,8 +4,8 @@ Speculative decoding is lossless only if verifying a tree of n tokens gives each
 one-token step would. In bf16 on CPU that fails with SDPA: its kernels group queries, split keys into blocks and
 pick GEMM kernels by shape, so a row's attention output moves by a rounding error that bf16 (8 bits of mantissa)
 turns into a visible change, and near-tied argmaxes flip (15-23% of Spec-Bench answers stayed identical to plain
-bf16 decoding). The linears and the LM head are row-invariant already (tests/test_target.py), and with attention
-fixed the decoded tokens agree (tests/test_exact_attention.py, the slow SmolLM2 test): attention was the culprit.
+bf16 decoding). The linears and the LM head keep a row's bits at any row count through koala.bf16_linear, and with
+attention fixed the decoded tokens agree (tests/test_exact_attention.py, the slow SmolLM2 test).
 
 Here scores, softmax and the weighted sum run in float64 and only the result is rounded to the model's dtype: the
 shape-dependent differences are then ~1e-16 relative, far below bf16's rounding step, so the rounded rows agree.

@@ -59,25 +59,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _one_row_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-        y = torch.mv(self.weight, x.reshape(-1))
-        return (y if self.bias is None else y + self.bias).view(*x.shape[:-1], -1)
-    return torch.nn.functional.linear(x, self.weight, self.bias)
-
-
-def use_gemv_for_one_row(model: torch.nn.Module) -> None:
-    """Route the model's one-row bf16 linears (a plain decoding step) through torch.mv on CPU.
-
-    At one row, F.linear's bf16 GEMM path reads the weights at about half the speed of torch.mv (576x1536: 72 vs
-    41 us on 2 threads), one reason a bf16 decoding step was slower than fp32 although it reads half the bytes. The
-    results are the same bits (tests); other shapes and dtypes take F.linear as before.
-    """
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = _one_row_linear.__get__(module)
-
-
 class TargetNotFound(RuntimeError):
     """The --target could not be resolved to local weights."""
 
@@ -168,11 +149,12 @@ class Target:
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
+            from koala.bf16_linear import use_invariant_linears
             from koala.exact_attention import use_exact_attention
 
             if self.exact_attention:
                 use_exact_attention(self.model)  # lossless speculative decoding in half precision (see the module)
-            use_gemv_for_one_row(self.model)
+            use_invariant_linears(self.model)  # bf16: packed weights, rows independent of the row count
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""
