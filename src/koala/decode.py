@@ -14,7 +14,7 @@ import torch
 
 from koala.acceptance import Accepted, Sampling, accept_greedy, accept_sampling, accept_typical, probs_from_logits
 from koala.drafters.base import Drafter
-from koala.kvcache import ReservedCache, add_rows, drop_rows, keep_paths
+from koala.kvcache import add_rows, drop_rows, keep_paths
 from koala.target import Target
 from koala.tree import DraftTree, batch_verify_inputs
 
@@ -110,7 +110,7 @@ class Decoder:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}.")
         self.target, self.max_batch = target, max_batch
-        self.cache = ReservedCache()
+        self.cache = target.new_cache()
         self.live: list[Row] = []  # rows in the cache, in cache-row order
         self.waiting: list[Row] = []  # rows not in the cache yet, in order of arrival
         self.width = 0  # the cache's columns

@@ -5,8 +5,13 @@ of a ~40 ms one-token SmolLM2 step at 256-1,024 cached tokens on 2 CPU threads, 
 `ReservedCache` is a DynamicCache whose keys and values are views into a buffer with spare columns: appending
 writes the new columns in place and the buffer doubles when full, so each column is copied O(1) times over a
 generation. Everything that reads `layer.keys` / `layer.values` (attention, the edits below) sees ordinary tensors.
+A cache may store another dtype than the model computes in: float64 for koala.exact_attention, which then reads
+it as is instead of converting the whole cache on every forward (bf16, 30 layers, q=1: 3.6 -> 2.5 ms over 256
+cached tokens, 10.0 -> 6.7 ms over 800).
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -20,17 +25,22 @@ def _inside(view: torch.Tensor, buffer: torch.Tensor | None) -> bool:
             and view.stride() == buffer.stride())
 
 
-def _reserve(old: torch.Tensor, new: torch.Tensor, columns: int) -> torch.Tensor:
+def _reserve(old: torch.Tensor, new: torch.Tensor, columns: int, dtype: torch.dtype | None) -> torch.Tensor:
     """A buffer of at least `columns` columns (doubling), holding `old` in its leading columns."""
     size = max(MIN_COLUMNS, 2 * columns)
-    buffer = new.new_empty(*new.shape[:2], size, new.shape[-1])
+    buffer = new.new_empty(*new.shape[:2], size, new.shape[-1], dtype=dtype or new.dtype)
     if old.numel():
         buffer[:, :, :old.shape[-2]] = old
     return buffer
 
 
 class ReservedLayer(DynamicLayer):
-    """One layer's keys/values as views into buffers with spare columns (see the module docstring)."""
+    """One layer's keys/values as views into buffers with spare columns (see the module docstring), stored in
+    `storage` (None: the dtype of the states written)."""
+
+    def __init__(self, storage: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.storage = storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -40,8 +50,8 @@ class ReservedLayer(DynamicLayer):
         end = n + key_states.shape[-2]
         if not (_inside(self.keys, self.key_buffer) and _inside(self.values, self.value_buffer)
                 and end <= self.key_buffer.shape[-2]):
-            self.key_buffer = _reserve(self.keys, key_states, end)
-            self.value_buffer = _reserve(self.values, value_states, end)
+            self.key_buffer = _reserve(self.keys, key_states, end, self.storage)
+            self.value_buffer = _reserve(self.values, value_states, end, self.storage)
         self.key_buffer[:, :, n:end] = key_states
         self.value_buffer[:, :, n:end] = value_states
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
@@ -51,8 +61,8 @@ class ReservedLayer(DynamicLayer):
 class ReservedCache(DynamicCache):
     """A DynamicCache of ReservedLayers: appends in place, edits below work unchanged."""
 
-    def __init__(self) -> None:
-        Cache.__init__(self, layer_class_to_replicate=ReservedLayer)
+    def __init__(self, storage: torch.dtype | None = None) -> None:
+        Cache.__init__(self, layer_class_to_replicate=partial(ReservedLayer, storage))
 
 
 @torch.inference_mode()  # the cache holds inference tensors, which may only be edited in place in this mode

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from koala.kvcache import ReservedCache
+
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -167,6 +169,13 @@ class Target:
             raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
                              f"--dtype float32 and name the other dtypes per method.")
         return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name, self.exact_attention)
+
+    def new_cache(self) -> ReservedCache:
+        """A KV cache for this target: float64 where exact attention reads it (converted once, not per forward)."""
+        from koala.exact_attention import NAME
+
+        exact = getattr(self.model.config, "_attn_implementation", None) == NAME
+        return ReservedCache(torch.float64 if exact else None)
 
     @property
     def identity(self) -> dict:

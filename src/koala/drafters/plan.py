@@ -26,7 +26,6 @@ import torch
 
 from koala.atomic import write_json_atomic
 from koala.drafters.trees import expected_accepted
-from koala.kvcache import ReservedCache
 from koala.target import Target, cache_dir, device_name, sync
 from koala.tree import DraftTree, verify_inputs
 
@@ -91,7 +90,7 @@ def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeat
         raise ValueError(f"The target's context ({target.max_length}) is too short to verify {max(sizes)} tokens.")
     gen = torch.Generator().manual_seed(0)
     vocab = target.lm_head.weight.shape[0]
-    cache = ReservedCache()
+    cache = target.new_cache()
     prefix = torch.randint(vocab, (context,), generator=gen).to(device)
     target.hidden(prefix[None], torch.arange(context, device=device)[None], cache)
 
