@@ -33,6 +33,7 @@ DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 CONTEXT = 128  # cached tokens the timed forwards attend to
 MAX_SPREAD = 1.2  # typical median / fastest run above this: the machine was busy, do not save
 MAX_AGE_DAYS = 7
+FORWARD_VERSION = 2  # bump when KOALA changes how the target's forward runs: saved profiles are then not reused
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def _target_key(target: Target) -> list:
     cfg = target.config
     return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
             cfg.num_hidden_layers, str(target.dtype), getattr(cfg, "_attn_implementation", None),
-            target.identity["lm_head_sha256"], CONTEXT]
+            target.identity["lm_head_sha256"], CONTEXT, FORWARD_VERSION]
 
 
 def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:
