@@ -70,7 +70,7 @@ declare -A RECIPE=([medusa]="medusa 1" [medusa-koala]="medusa 2 --adversarial"
                    [eagle3]="eagle3 1" [eagle3-koala]="eagle3 2 --adversarial")
 if [ "${ROUND3:-0}" = 1 ]; then  # round 3: all 10,219 answers; EAGLE heads go on from round 2, Medusa starts anew
   for name in $HEADS; do
-    init=(); [[ $name == eagle* ]] && init=(--init "heads/smollm2-135m/$name" --lr 5e-4 --adv-start 0)
+    init=(); [[ $name == eagle* ]] && init=(--init "heads/smollm2-135m/$name" --lr 5e-4)
     # shellcheck disable=SC2086
     train "round3/$name" ${RECIPE[$name]} "${init[@]}"
   done
