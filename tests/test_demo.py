@@ -30,6 +30,18 @@ def test_run_demo_streams_and_matches_vanilla():
     assert "mean" in text and "2/2 identical" in text and text.count("yes") == 2
 
 
+def test_a_baseline_in_another_dtype_is_the_speed_reference_and_exactness_stays_same_dtype():
+    baseline = tiny_target("llama")
+    target = baseline.with_dtype("bf16")
+    rows = run_demo(target, PromptLookupDrafter(max_ngram=2, num_tokens=4), PROMPTS, max_new_tokens=12,
+                    baseline=baseline)
+    for r in rows:
+        assert r.same and r.baseline is not None and r.baseline.new_tokens > 0
+        assert r.speedup == r.koala.tokens_per_s / r.baseline.tokens_per_s
+    assert all(r.baseline is None for r in run_demo(baseline, PromptLookupDrafter(), PROMPTS[:1], 8,
+                                                     baseline=baseline))  # same target: no second vanilla run
+
+
 def test_missing_head_falls_back_to_pld(tmp_path, capsys):
     args = argparse.Namespace(drafter=None, head=str(tmp_path / "no-such-head"), tree=None, depth=None,
                               draft_top_k=None, total_tokens="auto")

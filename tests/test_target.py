@@ -23,8 +23,14 @@ def test_missing_targets_fail_clearly(tmp_path):
         load_target("not a model")
 
 
-def test_dtype_and_device_errors():
+def test_dtype_and_device_errors(monkeypatch):
     assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_dtype("auto", "cpu", drafting=True) == torch.bfloat16  # a head on AMX: wide verifies are cheap
+    assert resolve_dtype("fp32", "cpu", drafting=True) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_dtype("auto", "cpu", drafting=True) == torch.float32
     assert resolve_dtype("bf16", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("float8", "cpu")
@@ -50,3 +56,17 @@ def test_bf16_targets_use_invariant_linears_and_give_the_same_tokens(saved_tiny_
     assert "forward" in vars(fast.body.layers[0].self_attn.q_proj) and "forward" in vars(fast.lm_head)
     assert generate(fast, [5, 9, 13], max_new_tokens=12).tokens == generate(plain, [5, 9, 13], max_new_tokens=12).tokens
     assert "forward" not in vars(load_target(str(saved_tiny_dir)).lm_head)  # fp32 keeps F.linear
+
+
+def test_auto_dtype_is_bf16_only_for_commands_that_draft_with_a_head(saved_tiny_dir, monkeypatch):
+    import argparse
+
+    from koala.build import target_from_args
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    args = argparse.Namespace(target=str(saved_tiny_dir), device="cpu", dtype="auto", trust_remote_code=False,
+                              head="some/head")
+    drafting = target_from_args(args)
+    assert drafting.dtype == torch.bfloat16 and drafting.model.config._attn_implementation == "koala_exact"
+    assert target_from_args(args, verifies=False).dtype == torch.float32  # train / distill / export
+    assert target_from_args(argparse.Namespace(**{**vars(args), "head": None})).dtype == torch.float32

@@ -7,12 +7,15 @@ import argparse
 from koala.acceptance import Sampling
 from koala.drafters import Drafter, PromptLookupDrafter
 from koala.drafters.factory import drafter_for_head
-from koala.target import Target, load_target
+from koala.target import Target, load_target, resolve_dtype
 
 
-def target_from_args(args: argparse.Namespace, exact_attention: bool = True) -> Target:
-    """exact_attention=False for commands that never verify drafts (koala.exact_attention costs them time)."""
-    return load_target(args.target, args.device, args.dtype, args.trust_remote_code, exact_attention)
+def target_from_args(args: argparse.Namespace, verifies: bool = True) -> Target:
+    """The --target in the --dtype asked for. verifies=False for commands that never verify drafts (distill,
+    cache, train, export): they keep SDPA in bf16 (koala.exact_attention only costs them time), and their "auto"
+    dtype is the plain one. Commands that verify and were given a --head get bf16 for "auto" on AMX CPUs."""
+    dtype = resolve_dtype(args.dtype, args.device, drafting=verifies and bool(getattr(args, "head", None)))
+    return load_target(args.target, args.device, dtype, args.trust_remote_code, exact_attention=verifies)
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:

@@ -2,7 +2,8 @@
 
 For each prompt it decodes once with the KOALA drafter (timed, streamed) and once with vanilla (timed, silent),
 then prints tokens/s, speedup and tau per prompt and whether the KOALA output equals the vanilla output (it must
-when greedy: speculative decoding here is lossless).
+when greedy: speculative decoding here is lossless). Where `--dtype auto` drafts in bf16 (AMX CPUs) while plain
+decoding is fastest in fp32, vanilla runs in both: bf16 for the exactness check, fp32 as the speed reference.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from pathlib import Path
 
 from koala.acceptance import Sampling
 from koala.args import add_drafter_args, add_target_args, positive_int
-from koala.build import drafter_from_args, target_from_args
+from koala.build import drafter_from_args
 from koala.decode import Stats, stream_text, stream_tokens
 from koala.drafters import Drafter, PromptLookupDrafter
-from koala.target import Target
+from koala.kinds.base import dtype_name
+from koala.target import Target, load_target, resolve_dtype
 
 HEAD_SUBDIR = Path("heads") / "smollm2-135m" / "eagle-koala"
 
@@ -52,6 +54,7 @@ class Row:
     koala_tokens: list[int]
     vanilla: Stats
     koala: Stats
+    baseline: Stats | None = None  # plain decoding in the fastest dtype, when that is not the drafter's
 
     @property
     def same(self) -> bool:
@@ -59,7 +62,8 @@ class Row:
 
     @property
     def speedup(self) -> float:
-        return self.koala.tokens_per_s / self.vanilla.tokens_per_s if self.vanilla.tokens_per_s else 0.0
+        reference = (self.baseline or self.vanilla).tokens_per_s
+        return self.koala.tokens_per_s / reference if reference else 0.0
 
 
 def _decode(target: Target, ids: list[int], drafter: Drafter, sampling: Sampling, max_new: int,
@@ -81,11 +85,14 @@ def _decode(target: Target, ids: list[int], drafter: Drafter, sampling: Sampling
 
 
 def run_demo(target: Target, drafter: Drafter, prompts: list[tuple[str, str]] = PROMPTS, max_new_tokens: int = 128,
-             sampling: Sampling = Sampling(), echo: Callable[[str], None] | None = None) -> list[Row]:
-    """Decode every prompt with vanilla and with `drafter` (streaming the latter through `echo`, if given)."""
+             sampling: Sampling = Sampling(), echo: Callable[[str], None] | None = None,
+             baseline: Target | None = None) -> list[Row]:
+    """Decode every prompt with vanilla and with `drafter` (streaming the latter through `echo`, if given), and
+    with vanilla on `baseline` (the same target in another dtype) as the speed reference if given."""
+    baseline = None if baseline is target else baseline
     warm = target.encode(prompts[0][1])
-    for d in (Drafter(), drafter):  # first calls pay for allocations and lazy init; keep them out of the timings
-        _decode(target, warm, d, sampling, 8)
+    for t, d in [(target, Drafter()), (target, drafter)] + ([(baseline, Drafter())] if baseline else []):
+        _decode(t, warm, d, sampling, 8)  # first calls pay for allocations and lazy init: not timed
     rows = []
     for label, prompt in prompts:
         ids = target.encode(prompt)
@@ -93,7 +100,8 @@ def run_demo(target: Target, drafter: Drafter, prompts: list[tuple[str, str]] = 
             echo(f"\n### [{label}] {prompt}\n")
         k_tokens, k_stats = _decode(target, ids, drafter, sampling, max_new_tokens, echo)  # streamed first: no wait
         v_tokens, v_stats = _decode(target, ids, Drafter(), sampling, max_new_tokens)
-        rows.append(Row(label, v_tokens, k_tokens, v_stats, k_stats))
+        b_stats = _decode(baseline, ids, Drafter(), sampling, max_new_tokens)[1] if baseline else None
+        rows.append(Row(label, v_tokens, k_tokens, v_stats, k_stats, b_stats))
         if echo:
             echo("\n")
     return rows
@@ -104,12 +112,13 @@ def table(rows: list[Row], name: str) -> str:
     head = f"{'prompt':<10}{'tokens':>7}{'vanilla t/s':>13}{name + ' t/s':>16}{'speedup':>9}{'tau':>6}"
     lines = [head + "  same as vanilla", "-" * 78]
     for r in rows:
-        lines.append(f"{r.label:<10}{r.koala.new_tokens:>7}{r.vanilla.tokens_per_s:>13.1f}{r.koala.tokens_per_s:>16.1f}"
+        lines.append(f"{r.label:<10}{r.koala.new_tokens:>7}{(r.baseline or r.vanilla).tokens_per_s:>13.1f}"
+                     f"{r.koala.tokens_per_s:>16.1f}"
                      f"{r.speedup:>8.2f}x{r.koala.tau:>6.2f}  {'yes' if r.same else 'NO'}")
     mean = statistics.fmean
     lines.append("-" * 78)
     lines.append(f"{'mean':<10}{mean(r.koala.new_tokens for r in rows):>7.0f}"
-                 f"{mean(r.vanilla.tokens_per_s for r in rows):>13.1f}{mean(r.koala.tokens_per_s for r in rows):>16.1f}"
+                 f"{mean((r.baseline or r.vanilla).tokens_per_s for r in rows):>13.1f}{mean(r.koala.tokens_per_s for r in rows):>16.1f}"
                  f"{mean(r.speedup for r in rows):>8.2f}x{mean(r.koala.tau for r in rows):>6.2f}  "
                  f"{sum(r.same for r in rows)}/{len(rows)} identical")
     return "\n".join(lines)
@@ -132,12 +141,14 @@ def pick_drafter(args: argparse.Namespace, target: Target) -> tuple[Drafter, str
 def _demo(args: argparse.Namespace) -> int:
     if args.prompts < 1:
         raise ValueError("--prompts must be at least 1.")
-    target = target_from_args(args)
+    baseline = load_target(args.target, args.device, resolve_dtype(args.dtype, args.device), args.trust_remote_code)
+    target = baseline.with_dtype(resolve_dtype(args.dtype, args.device, drafting=args.drafter is None))
     drafter, name = pick_drafter(args, target)
-    print(f"target {target.name} on {target.device}; drafter {name} ({drafter.name}); greedy, "
-          f"max {args.max_new_tokens} new tokens. Streaming the {name} answers:")
+    print(f"target {target.name} on {target.device}; drafter {name} ({drafter.name}, {dtype_name(target.dtype)}); "
+          f"vanilla {dtype_name(baseline.dtype)} is the speed reference; greedy, max {args.max_new_tokens} new "
+          f"tokens. Streaming the {name} answers:")
     echo = None if args.no_stream else (lambda s: print(s, end="", flush=True))
-    rows = run_demo(target, drafter, PROMPTS[:args.prompts], args.max_new_tokens, echo=echo)
+    rows = run_demo(target, drafter, PROMPTS[:args.prompts], args.max_new_tokens, echo=echo, baseline=baseline)
     print("\n" + table(rows, name))
     if not all(r.same for r in rows):
         print("note: an output differs from vanilla; with greedy decoding that means a near-tie flipped by float "

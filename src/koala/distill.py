@@ -346,7 +346,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
 
 def _run(args) -> int:
 
-    target = target_from_args(args, exact_attention=False)
+    target = target_from_args(args, verifies=False)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
                         args.temperature, args.max_prompt_tokens, seed=args.seed,
                         aux_layers=parse_aux_layers(args.aux_layers, target.config.num_hidden_layers))

@@ -119,7 +119,7 @@ def import_head(path: str | Path, target) -> torch.nn.Module:
 def _export(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.weights_dtype) if args.weights_dtype else None
-    notes = export_head(args.head, args.format, args.out, target_from_args(args), dtype, args.force)
+    notes = export_head(args.head, args.format, args.out, target_from_args(args, verifies=False), dtype, args.force)
     for note in notes:
         print(f"koala: note: {note}", file=sys.stderr)
     print(f"exported {args.head} as {args.format} to {args.out} (serving: see docs/export.md)")

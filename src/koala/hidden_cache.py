@@ -440,7 +440,7 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
 
 def _run(args) -> int:
 
-    target = target_from_args(args, exact_attention=False)
+    target = target_from_args(args, verifies=False)
     aux_layers = parse_aux_layers(args.aux_layers, target.config.num_hidden_layers)
     manifest = build_cache(target, args.data, args.out, args.max_length, args.batch_tokens,
                            max_sequences=args.max_sequences, append=args.append, aux_layers=aux_layers)

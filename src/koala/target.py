@@ -121,11 +121,21 @@ def _load_dir(name: str, dtype: torch.dtype, local_only: bool, trust_remote_code
     return model, tokenizer
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+def amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in AMX tiles: there a bf16 verify of 1-32 tokens costs about one plain step."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool = False) -> torch.dtype:
+    """--dtype to a torch dtype. "auto": bf16 on GPUs; on CPUs float32 for plain decoding (its one-token step is the
+    fastest) and bf16 when a head drafts on an AMX CPU (wide verifies nearly free: docs/benchmark.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        if device != "cpu":
+            return torch.bfloat16
+        return torch.bfloat16 if drafting and amx_bf16() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:

@@ -23,7 +23,7 @@ def _run(args) -> int:
 
     accelerator = Accelerator(cpu=args.device == "cpu")
     device = str(accelerator.device) if accelerator.num_processes > 1 else args.device
-    target = target_from_args(args, exact_attention=False)
+    target = target_from_args(args, verifies=False)
     source = source_from_paths(target, args.data, args.max_seq_len)
     held_out = source_from_paths(target, args.eval_data, args.max_seq_len) if args.eval_data else None
     manifest = train(target, source, args.out, config_from_args(args), resume=args.resume, device=device,
