@@ -65,9 +65,8 @@ def use_invariant_linears(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     weight shape. The frozen target's weights must not change afterwards (the packed copies would not follow)."""
     blocks: dict[tuple[int, int], int] = {}
     for module in model.modules():
-        if type(module) is not torch.nn.Linear or module.weight.dtype != torch.bfloat16:
-            continue
-        if module.weight.device.type != "cpu":
+        if type(module) is not torch.nn.Linear or module.weight.dtype != torch.bfloat16 \
+                or module.weight.device.type != "cpu":
             continue
         kernel = _kernel(module)
         shape = tuple(module.weight.shape)
