@@ -7,7 +7,7 @@
 #   ABLATION=1 bash scripts/train_reference_heads.sh          # also K in {1,2,3} x adversarial, seeds 0 and 1
 #   CONTINUE=1 bash scripts/train_reference_heads.sh          # round 2: continue each head (--init) on more data
 #   ROUND3=1 HEADS="eagle eagle-koala medusa medusa-koala" STEPS=1000 bash scripts/train_reference_heads.sh
-#                                     # round 3: every distilled answer (runs/cache), EAGLE heads from round 2
+#                                     # round 3: the answers in runs/cache (8,800 in round 3), EAGLE heads from round 2
 #   HEADS="eagle3 eagle3-koala" bash scripts/train_reference_heads.sh   # EAGLE-3 heads (caches with aux layers)
 #
 # Stages: (1) the target answers ShareGPT first turns, keeping its hidden states as it goes (`koala distill`),
@@ -68,7 +68,7 @@ train() {  # NAME HEAD K [flags...]
 declare -A RECIPE=([medusa]="medusa 1" [medusa-koala]="medusa 2 --adversarial"
                    [eagle]="eagle 1" [eagle-koala]="eagle 2 --adversarial"
                    [eagle3]="eagle3 1" [eagle3-koala]="eagle3 2 --adversarial")
-if [ "${ROUND3:-0}" = 1 ]; then  # round 3: all 10,219 answers; EAGLE heads go on from round 2, Medusa starts anew
+if [ "${ROUND3:-0}" = 1 ]; then  # round 3: every answer in the cache; EAGLE heads go on from round 2, Medusa starts anew
   for name in $HEADS; do
     init=(); [[ $name == eagle* ]] && init=(--init "heads/smollm2-135m/$name" --lr 5e-4)
     # shellcheck disable=SC2086
