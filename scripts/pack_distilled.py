@@ -33,8 +33,9 @@ def main() -> None:
     meta = {k: v for k, v in manifest.items() if k not in ("shards", "format", "bytes")}
     meta.update({"file": gz.name, "records": len(records), "bytes": gz.stat().st_size,
                  "sha256": hashlib.sha256(gz.read_bytes()).hexdigest(),
-                 "new_tokens": sum(sum(r["new_tokens"]) for r in records),
-                 "replies_cut_at_limit": sum(f == "length" for r in records for f in r["finish"])})
+                 "new_tokens": sum(sum(r["new_tokens"][r.get("context_turns", 0):]) for r in records),
+                 "replies_cut_at_limit": sum(f == "length" for r in records
+                                             for f in r["finish"][r.get("context_turns", 0):])})
     dest.with_name(dest.name + ".manifest.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps({k: meta[k] for k in ("file", "records", "bytes", "new_tokens")}))
 

@@ -166,6 +166,42 @@ def test_distill_resumes_exactly_and_keys_by_position(llama_target, tmp_path):
     assert sorted(keys) == sorted(by_key(b, tmp_path / "part"))
 
 
+def test_after_continues_an_earlier_distillation_at_its_next_turn(llama_target, tmp_path):
+    from koala.hidden_cache import TokenStats, tokenize_records
+
+    data = _data(tmp_path)
+    earlier = tmp_path / "first.jsonl"  # an earlier run's records: 0-2 ended normally, 3 was cut, 4 is missing
+    earlier.write_text("".join(json.dumps({
+        "id": f"c{i}", "conversations": [{"from": "human", "value": f"w{5 + i} w{9 + i}"},
+                                         {"from": "gpt", "value": f"w{30 + i} w31"}],
+        "new_tokens": [3], "finish": ["length" if i == 3 else "eos"], "key": i}) + "\n" for i in range(4)))
+    cfg = DistillConfig(max_turns=2, max_new_tokens=6, batch_size=2, max_prompt_tokens=40)
+    stats = distill(llama_target, data, tmp_path / "second", cfg, progress=False, after=earlier)
+    assert stats.skipped == {"--after reply cut at its length limit (no later turn)": 1,
+                             "not in the --after file": 2}  # 4 and the long one
+    second = {r["key"]: r for r in map(json.loads, (tmp_path / "second" / TEXT).read_text().splitlines())}
+    assert sorted(second) == [0, 1, 2]
+    cache = HiddenCache(tmp_path / "second")
+    keys = [r["key"] for sh in cache.manifest["shards"]
+            for r in json.loads((tmp_path / "second" / sh["name"] / "records.json").read_text())]
+    retokenized = {k: mask for k, _, mask in tokenize_records(llama_target, tmp_path / "second" / TEXT, 1000,
+                                                              TokenStats())}
+    for k, r in second.items():
+        turns = r["conversations"]
+        assert [t["value"] for t in turns[:3]] == [f"w{5 + k} w{9 + k}", f"w{30 + k} w31", f"w{20 + k}"]
+        msgs = [{"role": "user", "content": turns[0]["value"]}, {"role": "assistant", "content": turns[1]["value"]},
+                {"role": "user", "content": turns[2]["value"]}]
+        new, _ = _greedy(llama_target, llama_target.encode(msgs), 6)  # turn 2: the target's greedy reply
+        assert llama_target.tokenizer.decode(new, skip_special_tokens=True).startswith(turns[3]["value"])
+        assert r["context_turns"] == 1 and r["new_tokens"] == [0, len(new)]
+        mask = np.asarray(cache.tokens(keys.index(k))[1]).tolist()
+        assert sum(mask) == len(new)  # turn 1 is context: the earlier file's run trains on it
+        again = retokenized[k]  # `koala cache` of this text masks the same tokens (plus the template's tail)
+        assert mask == again[:len(mask)] and not any(again[len(mask):])
+    with pytest.raises(ValueError, match="no distilled records"):
+        distill(llama_target, data, tmp_path / "x", cfg, progress=False, after=data)
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="max-new-tokens"):
         DistillConfig(max_new_tokens=0)

@@ -40,6 +40,30 @@ def test_a_row_is_the_same_alone_and_inside_a_tree_verify(seed):
         assert torch.equal(alone[0, 0], tree[0, i])
 
 
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_prompt_gets_the_same_sdpa_bits_alone_and_beside_a_tree_verify(additive):
+    from koala.tree import DraftTree, batch_verify_inputs
+
+    width, m = 7, 5  # row 0 joins with a 5-token prompt; row 1 has 7 cached tokens and verifies a 6-node tree
+    tree = DraftTree(torch.arange(6), torch.tensor([-1, 0, 0, 1, -1, 4]))
+    _, _, mask = batch_verify_inputs([torch.arange(m), torch.tensor([3])], [DraftTree.empty(), tree], [0, width],
+                                     width, torch.bfloat16)
+    if not additive:
+        mask = mask == 0
+    q, k, v = _qkv(3, 7, width + 7)
+    q, k, v = torch.cat([q, q.flip(2)]), torch.cat([k, k.flip(2)]), torch.cat([v, v.flip(2)])
+    both, _ = exact_attention(_Attn(), q, k.double(), v.double(), mask)  # the float64 cache a bf16 target keeps
+    cols = slice(width, width + m)
+    alone, _ = exact_attention(_Attn(), q[:1, :, :m], k[:1, :, cols].double(), v[:1, :, cols].double(), None)
+    assert torch.equal(both[0, :m], alone[0])
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q[:1, :, :m], k[:1, :, cols].repeat_interleave(3, 1), v[:1, :, cols].repeat_interleave(3, 1), is_causal=True)
+    assert torch.equal(alone[0], sdpa[0].transpose(0, 1))  # SDPA, not the float64 path, reads prompts
+    assert not both[0, m:].any()  # its padding rows
+    tree_row, _ = exact_attention(_Attn(), q[1:], k[1:].double(), v[1:].double(), mask[1:])
+    assert torch.equal(both[1], tree_row[0])
+
+
 def test_no_mask_means_causal_and_long_inputs_are_chunked(monkeypatch):
     q, k, v = _qkv(0, 12, 20)
     full, _ = exact_attention(_Attn(), q, k, v, None)
@@ -81,15 +105,21 @@ def test_work_that_verifies_nothing_can_keep_sdpa():
     assert target.with_dtype("bf16").model.config._attn_implementation == "koala_exact"
 
 
-def test_bf16_batches_give_each_row_its_single_sequence_tokens():
+def test_bf16_batches_give_each_row_its_single_sequence_tokens(monkeypatch):
+    import koala.exact_attention as ea
     from koala.decode import generate_batch
 
     target = _bf16(4)  # with SDPA its batched rows drift from the single-sequence ones
     prompts = [[5, 9, 13, 5, 9, 13, 5, 9], [7, 8, 9, 10, 7, 8, 9, 10, 7], [20, 21, 22, 23, 20, 21], [30, 31]]
     alone = [generate(target, ids, max_new_tokens=24).tokens for ids in prompts]
+    prompt_rows = []
+    real = ea._prompt
+    monkeypatch.setattr(ea, "_prompt", lambda q, *a: prompt_rows.append(q.shape[2]) or real(q, *a))
     batched = generate_batch(target, prompts, lambda: PromptLookupDrafter(min_ngram=1), max_new_tokens=24,
                              batch_size=3)  # the fourth joins a running batch
     assert [r.tokens for r in batched] == alone
+    layers = target.model.config.num_hidden_layers
+    assert sorted(prompt_rows) == sorted([len(p) for p in prompts] * layers)  # each prompt by SDPA, once per layer
 
 
 @pytest.mark.parametrize("masked", ["none", "bool", "additive"])

@@ -25,6 +25,7 @@ class Conversation:
     messages: list[dict]
     index: int = -1  # position in the input file: the key that resumable pipelines use (ids may repeat)
     finish: list[str] = field(default_factory=list)  # per assistant turn of distilled data: "eos" or "length"
+    context: int = 0  # leading assistant turns taken from an earlier distillation: context, not training targets
 
     @property
     def user_turns(self) -> list[str]:
@@ -142,7 +143,9 @@ def _sharegpt(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
     if not _valid_unicode([m["content"] for m in messages], stats):
         return None
     finish = rec.get("finish") if isinstance(rec.get("finish"), list) else []
-    return Conversation(str(rec.get("id", index)), system + body, index, [str(f) for f in finish])
+    context = rec.get("context_turns", 0)
+    return Conversation(str(rec.get("id", index)), system + body, index, [str(f) for f in finish],
+                        context if isinstance(context, int) and context > 0 else 0)
 
 
 def _mt_bench(rec: dict, index: int, stats: ReadStats) -> Conversation | None:
@@ -171,6 +174,21 @@ def read_conversations(path: str | Path, stats: ReadStats | None = None) -> Iter
         if conv is not None:
             stats.kept += 1
             yield conv
+
+
+def read_distilled(path: str | Path) -> dict[int, Conversation]:
+    """The records of a `koala distill` output (its conversations.jsonl, or a packed .jsonl.gz) by key, the
+    position of their conversation in the file that was distilled; `index` is set to the key."""
+    out = {}
+    for rec in iter_records(path, ReadStats()):
+        if not isinstance(rec, dict) or not isinstance(rec.get("key"), int):
+            continue
+        conv = _sharegpt(rec, rec["key"], ReadStats())
+        if conv is not None and len(conv.finish) == sum(m["role"] == "assistant" for m in conv.messages):
+            out[conv.index] = conv
+    if not out:
+        raise ValueError(f"{path} holds no distilled records (lines with 'key', 'conversations' and 'finish').")
+    return out
 
 
 def write_sharegpt(conv: Conversation, **extra) -> str:

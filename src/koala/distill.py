@@ -27,7 +27,7 @@ import torch
 from koala.args import add_target_args, non_negative_float, non_negative_int, positive_int
 from koala.atomic import write_json_atomic, write_text_atomic
 from koala.build import target_from_args
-from koala.data import Conversation, ReadStats, read_conversations, write_sharegpt
+from koala.data import Conversation, ReadStats, read_conversations, read_distilled, write_sharegpt
 from koala.hidden_cache import (FORMAT, MANIFEST, greedy_from_ids, parse_aux_layers, tokenize_conversation,
                                 write_shard)
 from koala.slots import SlotModel
@@ -88,6 +88,7 @@ class Job:
     prompt_mask: list[bool]  # True on earlier assistant-written tokens of the prompt
     counts: list[int]  # new tokens of earlier turns
     finish: list[str]
+    context: int = 0  # earlier turns taken from an --after file: in the prompt, not trained on again
 
 
 @dataclass
@@ -102,8 +103,9 @@ class Row:
 
 
 def make_job(target, conv: Conversation, turn: int, history: list[dict], cfg: DistillConfig,
-             counts: list[int], finish: list[str], stats: DistillStats) -> Job | None:
-    """The job for user turn `turn` of `conv` after `history`, or None (counted) when it cannot be asked."""
+             counts: list[int], finish: list[str], stats: DistillStats, context: int = 0) -> Job | None:
+    """The job for user turn `turn` of `conv` after `history`, or None (counted) when it cannot be asked; the
+    first `context` replies of `history` are masked out (an earlier distillation trains on them)."""
     users = conv.user_turns
     if turn >= len(users) or turn >= cfg.max_turns or not users[turn].strip():
         return None
@@ -111,7 +113,7 @@ def make_job(target, conv: Conversation, turn: int, history: list[dict], cfg: Di
     where = "first turn" if turn == 0 else "later turn"
     try:
         prompt = target.encode(messages)
-        prev_ids, prev_mask = tokenize_conversation(target, history) if turn else ([], [])
+        prev_ids, prev_mask = tokenize_conversation(target, history, context=context) if turn else ([], [])
     except (ValueError, UnicodeError) as e:
         stats.skip(f"cannot tokenise ({where}): {type(e).__name__}")
         return None
@@ -125,7 +127,7 @@ def make_job(target, conv: Conversation, turn: int, history: list[dict], cfg: Di
         stats.skip("chat template not prefix-stable (later turn)")
         return None
     mask = prev_mask + [False] * (len(prompt) - len(prev_ids))
-    return Job(conv, turn, messages, prompt, mask, counts, finish)
+    return Job(conv, turn, messages, prompt, mask, counts, finish, context)
 
 
 class Generator:
@@ -234,8 +236,32 @@ def _merge_skips(manifest: dict, skipped: dict[str, int]) -> None:
         manifest["skipped"][k] = max(v, manifest["skipped"].get(k, 0))
 
 
-def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progress: bool = True) -> DistillStats:
-    """Run (or resume) self-distillation of `data` into the directory `out`."""
+def _first_job(target, conv: Conversation, earlier: dict[int, Conversation] | None, cfg: DistillConfig,
+               stats: DistillStats) -> Job | None:
+    """The first turn this run generates for `conv`: its first user turn, or with an --after file (`earlier`)
+    the turn after the replies distilled there (which stay in the prompt, masked out)."""
+    if earlier is None:
+        return make_job(target, conv, 0, [m for m in conv.messages[:1] if m["role"] == "system"], cfg, [], [],
+                        stats)
+    old = earlier.get(conv.index)
+    if old is None:
+        stats.skip("not in the --after file")
+        return None
+    if old.finish[-1:] != ["eos"]:
+        stats.skip("--after reply cut at its length limit (no later turn)")
+        return None
+    turns = len(old.finish)
+    if turns >= cfg.max_turns or turns >= len(conv.user_turns):
+        stats.skip("no later user turn (or --max-turns reached)")
+        return None
+    counts = [0] * turns  # a record's new_tokens: what this run generated, per turn
+    return make_job(target, conv, turns, old.messages, cfg, counts, list(old.finish), stats, context=turns)
+
+
+def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progress: bool = True,
+            after: str | Path | None = None) -> DistillStats:
+    """Run (or resume) self-distillation of `data` into the directory `out`; with `after` (an earlier run's
+    records), continue its conversations from their next user turn instead of starting new ones."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -248,6 +274,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         raise ValueError(f"{out} holds aux layers {old.get('aux_layers', [])}; resume with the same --aux-layers.")
     stats = DistillStats(already_done=len(done))
     read = ReadStats()
+    earlier = read_distilled(after) if after is not None else None
     more: deque = deque()
 
     def jobs() -> Iterator[Job]:
@@ -259,8 +286,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
                 break
             if conv.index in done:
                 continue
-            job = make_job(target, conv, 0, [m for m in conv.messages[:1] if m["role"] == "system"], cfg, [], [],
-                           stats)
+            job = _first_job(target, conv, earlier, cfg, stats)
             if job is not None:
                 n += 1
                 pool.append(job)
@@ -315,7 +341,7 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         stats.new_tokens += row.new
         stats.truncated_replies += row.final == "length"
         history = job.messages + [{"role": "assistant", "content": reply}]
-        follow = make_job(target, job.conv, job.turn + 1, history, cfg, counts, finish, stats) \
+        follow = make_job(target, job.conv, job.turn + 1, history, cfg, counts, finish, stats, job.context) \
             if row.final == "eos" else None
         if follow is not None:
             more.append(follow)
@@ -323,6 +349,8 @@ def distill(target, data: str | Path, out: str | Path, cfg: DistillConfig, progr
         # A reply cut at max_new_tokens has no end-of-turn token: the mask covers exactly what the target wrote.
         record = json.loads(write_sharegpt(Conversation(job.conv.id, history), new_tokens=counts, finish=finish))
         record["key"] = job.conv.index
+        if job.context:
+            record["context_turns"] = job.context
         ids, mask = row.ids, job.prompt_mask + [True] * len(new)
         pending.append((record, ids, mask, hidden.numpy()))
         pending_tokens += len(ids)
@@ -352,7 +380,7 @@ def _run(args) -> int:
                         aux_layers=parse_aux_layers(args.aux_layers, target.config.num_hidden_layers))
     if args.threads:
         torch.set_num_threads(args.threads)
-    stats = distill(target, args.data, args.out, cfg)
+    stats = distill(target, args.data, args.out, cfg, after=args.after)
     print(json.dumps({"out": str(args.out), "conversations_written": stats.conversations,
                       "already_done": stats.already_done, "turns": stats.turns, "new_tokens": stats.new_tokens,
                       "tokens": stats.tokens, "replies_cut_at_max_new_tokens": stats.truncated_replies,
@@ -369,6 +397,10 @@ def add_command(sub) -> None:
                                                 "records already there are skipped")
     p.add_argument("--max-conversations", type=positive_int, default=None, help="stop once the output holds this many")
     p.add_argument("--max-turns", type=positive_int, default=1, help="user turns answered per conversation")
+    p.add_argument("--after", default=None,
+                   help="an earlier run's records (its conversations.jsonl, or a packed .jsonl.gz): continue each "
+                        "of its conversations whose replies ended normally at the next user turn (up to "
+                        "--max-turns), its replies kept in the prompt and not trained on again")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="per assistant reply")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=1024, help="longer prompts are skipped (counted)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="sequences decoded together")

@@ -9,12 +9,15 @@ attention fixed the decoded tokens agree (tests/test_exact_attention.py, the slo
 
 Here scores, softmax and the weighted sum run in float64 and only the result is rounded to the model's dtype: the
 shape-dependent differences are then ~1e-16 relative, far below bf16's rounding step, so the rounded rows agree.
-It costs a few ms per decoding step (small matrices; the weights' matmuls dominate) and more on long prompts, whose
-queries are processed in chunks (bounded memory; each chunk skips the keys none of its rows may see).
+It costs a few ms per decoding step (small matrices; the weights' matmuls dominate). A prompt with nothing cached
+before it is the exception: it is processed once, in a call of the same shape on every path (alone or beside other
+rows), so it keeps SDPA (several times faster on long prompts) and every path starts from the same cache. Other
+long query blocks are processed in chunks (bounded memory; each chunk skips the keys none of its rows may see).
 """
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -28,10 +31,67 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query (B, H, q, D), key/value (B, KVH, L, D), an additive or boolean
     (B, 1, q, L) mask or None (causal, the queries being the last q positions) -> ((B, q, H, D), None)."""
+    b, q, length = query.shape[0], query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    fresh = _fresh_prompts(attention_mask, b, q, length)
+    if not fresh:
+        return _float64(query, key, value, attention_mask, scale), None
+    out = query.new_zeros(b, q, query.shape[1], query.shape[3])  # a prompt's padding rows stay 0: nothing sees them
+    rest = [r for r in range(b) if r not in fresh]
+    if rest:
+        out[rest] = _float64(query[rest], key[rest], value[rest],
+                             None if attention_mask is None else attention_mask[rest], scale)
+    past = length - q
+    for r, m in fresh.items():
+        out[r, :m] = _prompt(query[r:r + 1, :, :m], key[r:r + 1, :, past:past + m],
+                             value[r:r + 1, :, past:past + m], scale)
+    return out, None
+
+
+def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prompt's causal self-attention with nothing cached before it, by SDPA in the model's dtype: (1, m, H, D).
+
+    A prompt is processed exactly once, always in a call of this shape (whatever else shares the forward), so
+    plain and speculative decoding, alone or in a batch, start from the same bits; the tokens that later steps
+    compare are decided by _float64. SDPA reads a long prompt several times faster than the float64 path."""
+    group = query.shape[1] // key.shape[1]
+    key = key.to(query.dtype).repeat_interleave(group, 1)  # the float64 cache holds bf16 values: exact
+    value = value.to(query.dtype).repeat_interleave(group, 1)
+    out = F.scaled_dot_product_attention(query.contiguous(), key, value, is_causal=True, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> dict[int, int]:
+    """{row: m} for the rows whose first m queries are a whole prompt: nothing cached before them, plain causal
+    among themselves, and the row's other queries padding (see koala.tree.batch_verify_inputs)."""
+    past = length - q
+    if mask is None:
+        return {r: q for r in range(b)} if past == 0 else {}
+    if _memo[0] is mask:  # every layer of a forward gets the same mask object
+        return _memo[1]
+    allowed = _allowed(mask[:, 0])
+    fresh = {}
+    for r in range(b):
+        a = allowed[r]
+        m = int(a[:, past].sum())
+        if m == 0 or (past and a[:, :past].any()):
+            continue
+        tril = torch.ones(m, m, dtype=torch.bool, device=a.device).tril()
+        if torch.equal(a[:m, past:past + m], tril) and not a[:m, past + m:].any() and not a[m:, past:past + m].any():
+            fresh[r] = m
+    _memo[:] = [mask, fresh]  # holding the mask keeps its identity from being reused by a new tensor
+    return fresh
+
+
+_memo: list = [None, {}]
+
+
+def _float64(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+             scale: float) -> torch.Tensor:
+    """Scores, softmax and weighted sum in float64, only the result rounded: (B, q, H, D)."""
     b, heads, q, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    scale = scaling if scaling is not None else d ** -0.5
     k, v = key.double().transpose(-1, -2), value.double()
     out = torch.empty(b, kv_heads, group, q, d, dtype=torch.float64, device=query.device)
     grouped = query.reshape(b, kv_heads, group, q, d)  # the query heads sharing a KV head read it once
@@ -45,7 +105,7 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         s = _masked(s, attention_mask, start, stop, seen, length - q)
         out[:, :, :, start:stop] = torch.matmul(torch.softmax(s, dim=-1).flatten(2, 3), v[:, :, :seen]).view(
             b, kv_heads, group, stop - start, d)
-    return out.view(b, heads, q, d).transpose(1, 2).to(query.dtype), None
+    return out.view(b, heads, q, d).transpose(1, 2).to(query.dtype)
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:

@@ -71,14 +71,15 @@ def _template(tokenizer, messages: list[dict], generation_prompt: bool) -> list[
     return [int(i) for i in (ids if isinstance(ids, list) else ids["input_ids"])]
 
 
-def tokenize_conversation(target, messages: list[dict], cut: list[bool] | None = None,
+def tokenize_conversation(target, messages: list[dict], cut: list[bool] | None = None, context: int = 0,
                           ) -> tuple[list[int], list[bool]]:
     """Chat-templated ids of a whole conversation and a mask that is True on assistant-written tokens.
 
     The span of assistant turn i is what the template adds between "prompt up to i + generation prompt" and
     "conversation up to i", cut after its end-of-turn token (the target emits that token, but not the template's
     separator after it). A reply that was cut at a length limit (`cut[k]` for the k-th assistant turn) never
-    emitted an end token, so none is masked for it. Raises ValueError when the template is not prefix-stable.
+    emitted an end token, so none is masked for it. The first `context` assistant turns are not masked (another
+    record trains on them). Raises ValueError when the template is not prefix-stable.
     """
     turn = 0
     tok = target.tokenizer
@@ -96,6 +97,7 @@ def tokenize_conversation(target, messages: list[dict], cut: list[bool] | None =
         keep = ends[-1] + 1 if ends else len(span)
         if ends and cut is not None and turn < len(cut) and cut[turn]:
             keep = ends[-1]
+        keep = 0 if turn < context else keep
         turn += 1
         mask += [False] * (len(prompt) - len(ids)) + [True] * keep + [False] * (len(span) - keep)
         ids = full
@@ -116,7 +118,8 @@ def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStat
         if conv.index in skip_keys:
             continue
         try:
-            ids, mask = tokenize_conversation(target, conv.messages, [f == "length" for f in conv.finish])
+            ids, mask = tokenize_conversation(target, conv.messages, [f == "length" for f in conv.finish],
+                                              conv.context)
         except ValueError:
             stats.skip("chat template not prefix-stable")
             continue
