@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "koala_exact"
 CHUNK = 128  # query rows per float64 block (scores take CHUNK x keys x 8 bytes per head)
 NEG = torch.finfo(torch.float64).min  # not -inf: a fully masked padding row gets a uniform softmax, never NaN
+_memo: tuple[torch.Tensor | None, dict[int, int]] = (None, {})  # the last mask seen and its fresh prompt rows
 
 
 def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,8 +68,10 @@ def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> di
     past = length - q
     if mask is None:
         return {r: q for r in range(b)} if past == 0 else {}
-    if _memo[0] is mask:  # every layer of a forward gets the same mask object
-        return _memo[1]
+    global _memo
+    last = _memo  # one read: another thread may replace it meanwhile
+    if last[0] is mask:  # every layer of a forward gets the same mask object
+        return last[1]
     allowed = _allowed(mask[:, 0])
     fresh = {}
     for r in range(b):
@@ -79,11 +82,8 @@ def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> di
         tril = torch.ones(m, m, dtype=torch.bool, device=a.device).tril()
         if torch.equal(a[:m, past:past + m], tril) and not a[:m, past + m:].any() and not a[m:, past:past + m].any():
             fresh[r] = m
-    _memo[:] = [mask, fresh]  # holding the mask keeps its identity from being reused by a new tensor
+    _memo = (mask, fresh)  # holding the mask keeps its identity from being reused by a new tensor
     return fresh
-
-
-_memo: list = [None, {}]
 
 
 def _float64(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
