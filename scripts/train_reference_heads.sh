@@ -7,7 +7,7 @@
 #   ABLATION=1 bash scripts/train_reference_heads.sh          # also K in {1,2,3} x adversarial, seeds 0 and 1
 #   CONTINUE=1 bash scripts/train_reference_heads.sh          # round 2: continue each head (--init) on more data
 #   ROUND3=1 HEADS="eagle eagle-koala medusa medusa-koala" STEPS=1000 bash scripts/train_reference_heads.sh
-#                                     # round 3: the answers in runs/cache (8,800 in round 3), EAGLE heads from round 2
+#                     # round 3: the answers in runs/cache (EAGLE heads: 8,800, from round 2; Medusa: all 10,219, anew)
 #   HEADS="eagle3 eagle3-koala" bash scripts/train_reference_heads.sh   # EAGLE-3 heads (caches with aux layers)
 #
 # Stages: (1) the target answers ShareGPT first turns, keeping its hidden states as it goes (`koala distill`),
