@@ -64,7 +64,8 @@ def saved_tiny_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2() -> Target:
-    """The real default target (slow: first load converts the GGUF, later loads are ~1 s)."""
+    """The real default target in fp32 (slow: first load converts the GGUF, later loads are ~1 s). fp32 whatever
+    "auto" picks on this CPU, so the suite checks the same thing everywhere."""
     from koala.target import load_target
 
-    return load_target()
+    return load_target(dtype="float32")

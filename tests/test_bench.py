@@ -96,7 +96,7 @@ def test_methods_in_another_dtype_are_compared_with_their_own_vanilla(saved_tiny
     qfile = write_questions(tmp_path / "q.jsonl")
     head = save_head(random_head(tiny_target("llama"), "eagle", 1), tmp_path / "eagle-head")
     rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "10",
-               "--threads", "1", "--method", "pld16=pld:dtype=bf16,max_ngram=2",
+               "--dtype", "float32", "--threads", "1", "--method", "pld16=pld:dtype=bf16,max_ngram=2",
                "--method", f"ek16={head}:dtype=bfloat16,tree=chain,depth=2", "--method", "pld",
                "--out", str(tmp_path / "out")])
     assert rc == 0

@@ -40,13 +40,17 @@ def test_appending_writes_in_place_instead_of_copying_the_cache():
     assert cache.layers[0].keys.data_ptr() == first and cache.get_seq_length() == 28
 
 
-def test_targets_with_exact_attention_keep_a_float64_cache():
+def test_targets_with_exact_attention_keep_the_cache_it_reads():
     from conftest import tiny_target
 
+    from koala.exact_attention import cache_dtype
+
     target = tiny_target("llama", seed=1)
-    assert target.new_cache().layer_class_to_replicate().storage is None
-    bf16 = target.with_dtype("bf16")
+    assert target.new_cache().layer_class_to_replicate().storage == cache_dtype()  # fp32 (C kernel) or float64
+    sdpa = type(target)(target.model, target.tokenizer, target.name, exact_attention=False)
+    assert sdpa.new_cache().layer_class_to_replicate().storage is None
+    bf16 = tiny_target("llama", seed=1).with_dtype("bf16")
     cache = bf16.new_cache()
     with torch.inference_mode():
         bf16.hidden(torch.tensor([[5, 9, 13]]), torch.arange(3)[None], cache)
-    assert cache.layers[0].keys.dtype == torch.float64  # exact attention reads it without converting
+    assert cache.layers[0].keys.dtype == cache_dtype()  # exact attention reads it without converting

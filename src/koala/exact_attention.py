@@ -1,18 +1,20 @@
-"""Attention whose result for a query row does not depend on what else is in the call: lossless bf16 on CPU.
+"""Attention whose result for a query row does not depend on what else is in the call: lossless verification.
 
 Speculative decoding is lossless only if verifying a tree of n tokens gives each token the same logits a plain
-one-token step would. In bf16 on CPU that fails with SDPA: its kernels group queries, split keys into blocks and
-pick GEMM kernels by shape, so a row's attention output moves by a rounding error that bf16 (8 bits of mantissa)
-turns into a visible change, and near-tied argmaxes flip (15-23% of Spec-Bench answers stayed identical to plain
-bf16 decoding). The linears and the LM head keep a row's bits at any row count through koala.bf16_linear, and with
-attention fixed the decoded tokens agree (tests/test_exact_attention.py, the slow SmolLM2 test).
+one-token step would. On CPU that fails with SDPA: its kernels group queries, split keys into blocks and pick GEMM
+kernels by shape, so a row's attention output moves by a rounding error; in bf16 (8 bits of mantissa) near-tied
+argmaxes then flip (15-23% of Spec-Bench answers stayed identical to plain bf16 decoding on a Xeon), and in fp32
+the rows differ too (every row of SmolLM2 on an AMD EPYC, by ~1e-5). The linears keep a row's bits at any row count
+through koala.invariant_linear, and with attention fixed the decoded tokens agree (tests/test_exact_attention.py,
+the slow SmolLM2 tests).
 
-Here scores, softmax and the weighted sum run in float64 and only the result is rounded to the model's dtype: the
-shape-dependent differences are then ~1e-16 relative, far below bf16's rounding step, so the rounded rows agree.
-It costs a few ms per decoding step (small matrices; the weights' matmuls dominate). A prompt with nothing cached
-before it is the exception: it is processed once, in a call of the same shape on every path (alone or beside other
-rows), so it keeps SDPA (several times faster on long prompts) and every path starts from the same cache. Other
-long query blocks are processed in chunks (bounded memory; each chunk skips the keys none of its rows may see).
+Rows go to koala's C kernel (koala.cpu_kernels: fp32, invariant by construction, reading an fp32 KV cache) where it
+builds; elsewhere scores, softmax and the weighted sum run in float64 on a float64 cache and only the result is
+rounded to the model's dtype (differences ~1e-16 relative, far below the rounding step). A prompt with nothing
+cached before it is the exception: it is processed once, in a call of the same shape on every path (alone or beside
+other rows), so it keeps SDPA (several times faster on long prompts) and every path starts from the same cache.
+Long query blocks on the float64 path are processed in chunks (bounded memory; each chunk skips the keys none of
+its rows may see).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from koala import cpu_kernels
 
 NAME = "koala_exact"
 CHUNK = 128  # query rows per float64 block (scores take CHUNK x keys x 8 bytes per head)
@@ -36,12 +40,12 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     fresh = _fresh_prompts(attention_mask, b, q, length)
     if not fresh:
-        return _float64(query, key, value, attention_mask, scale), None
+        return _rows(query, key, value, attention_mask, scale), None
     out = query.new_zeros(b, q, query.shape[1], query.shape[3])  # a prompt's padding rows stay 0: nothing sees them
     rest = [r for r in range(b) if r not in fresh]
     if rest:
-        out[rest] = _float64(query[rest], key[rest], value[rest],
-                             None if attention_mask is None else attention_mask[rest], scale)
+        out[rest] = _rows(query[rest], key[rest], value[rest],
+                          None if attention_mask is None else attention_mask[rest], scale)
     past = length - q
     for r, m in fresh.items():
         out[r, :m] = _prompt(query[r:r + 1, :, :m], key[r:r + 1, :, past:past + m],
@@ -54,9 +58,9 @@ def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
 
     A prompt is processed exactly once, always in a call of this shape (whatever else shares the forward), so
     plain and speculative decoding, alone or in a batch, start from the same bits; the tokens that later steps
-    compare are decided by _float64. SDPA reads a long prompt several times faster than the float64 path."""
+    compare are decided by _rows. SDPA reads a long prompt several times faster than the float64 path."""
     group = query.shape[1] // key.shape[1]
-    key = key.to(query.dtype).repeat_interleave(group, 1)  # the float64 cache holds bf16 values: exact
+    key = key.to(query.dtype).repeat_interleave(group, 1)  # the fp32/float64 cache holds the model's values: exact
     value = value.to(query.dtype).repeat_interleave(group, 1)
     out = F.scaled_dot_product_attention(query.contiguous(), key, value, is_causal=True, scale=scale)
     return out[0].transpose(0, 1)
@@ -84,6 +88,22 @@ def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> di
             fresh[r] = m
     _memo = (mask, fresh)  # holding the mask keeps its identity from being reused by a new tensor
     return fresh
+
+
+def cache_dtype() -> torch.dtype:
+    """What a CPU target's KV cache stores for this attention: fp32 for the C kernel (exact for bf16 and fp16
+    values), else float64, converted once when written instead of on every forward."""
+    return torch.float32 if cpu_kernels.library() is not None else torch.float64
+
+
+def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """(B, q, H, D) in the query's dtype: by koala's C kernel on an fp32 cache, else in float64."""
+    if key.dtype != torch.float32 or key.device.type != "cpu" or cpu_kernels.library() is None:
+        return _float64(query, key, value, attention_mask, scale)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
+    return cpu_kernels.attention(query, key, value, attention_mask, scale).to(query.dtype)
 
 
 def _float64(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -136,6 +156,10 @@ AttentionInterface.register(NAME, exact_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks transformers builds itself: boolean, or None = causal
 
 
-def use_exact_attention(model: torch.nn.Module) -> None:
-    """Switch a transformers model to exact_attention (and keep its own mask building as for eager/SDPA)."""
-    model.set_attn_implementation(NAME)
+def use_exact_attention(model: torch.nn.Module, on: bool = True) -> None:
+    """Switch a transformers model to exact_attention (keeping its own mask building as for eager/SDPA), or, with
+    on=False, from it back to SDPA."""
+    if on:
+        model.set_attn_implementation(NAME)
+    elif model.config._attn_implementation == NAME:
+        model.set_attn_implementation("sdpa")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from koala.home import cache_dir
 from koala.kvcache import ReservedCache
 
 DEFAULT_TARGET = "smollm2"
@@ -63,11 +64,6 @@ def device_name(device: torch.device) -> str:
 
 class TargetNotFound(RuntimeError):
     """The --target could not be resolved to local weights."""
-
-
-def cache_dir() -> Path:
-    """Where converted targets live (KOALA_HOME, else ~/.cache/koala)."""
-    return Path(os.environ.get("KOALA_HOME", Path.home() / ".cache" / "koala"))
 
 
 def converted_dir(gguf: Path) -> Path:
@@ -128,14 +124,20 @@ def amx_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool = False) -> torch.dtype:
-    """--dtype to a torch dtype. "auto": bf16 on GPUs; on CPUs float32 for plain decoding (its one-token step is the
-    fastest) and bf16 when a head drafts on an AMX CPU (wide verifies nearly free: docs/benchmark.md)."""
+    """--dtype to a torch dtype. "auto": bf16 on GPUs. On AMX CPUs float32 for plain decoding (its one-token step is
+    the fastest) and bf16 when a head drafts (wide verifies nearly free). On CPUs where bf16 linears run on koala's
+    C kernel (AVX2 without AVX-512, e.g. AMD EPYC) bf16 for both: it reads half the bytes of fp32 (T(1) 48 vs 83 ms
+    there). Elsewhere float32. Measured in docs/benchmark.md."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device != "cpu":
             return torch.bfloat16
-        return torch.bfloat16 if drafting and amx_bf16() else torch.float32
+        if amx_bf16():
+            return torch.bfloat16 if drafting else torch.float32
+        from koala.invariant_linear import bf16_backend
+
+        return torch.bfloat16 if bf16_backend() == "koala" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
@@ -160,13 +162,12 @@ class Target:
         ids = ids if isinstance(ids, list) else [ids]
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-        if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
-            from koala.bf16_linear import use_invariant_linears
+        if self.device.type == "cpu":
             from koala.exact_attention import use_exact_attention
+            from koala.invariant_linear import use_invariant_linears
 
-            if self.exact_attention:
-                use_exact_attention(self.model)  # lossless speculative decoding in half precision (see the module)
-            use_invariant_linears(self.model)  # bf16: packed weights, rows independent of the row count
+            use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
+            use_invariant_linears(self.model)  # rows independent of the row count, and faster (see the module)
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""
@@ -181,11 +182,11 @@ class Target:
         return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name, self.exact_attention)
 
     def new_cache(self) -> ReservedCache:
-        """A KV cache for this target: float64 where exact attention reads it (converted once, not per forward)."""
-        from koala.exact_attention import NAME
+        """A KV cache for this target, in the dtype exact attention reads where it is used (see cache_dtype)."""
+        from koala.exact_attention import NAME, cache_dtype
 
         exact = getattr(self.model.config, "_attn_implementation", None) == NAME
-        return ReservedCache(torch.float64 if exact else None)
+        return ReservedCache(cache_dtype() if exact else None)
 
     @property
     def identity(self) -> dict:

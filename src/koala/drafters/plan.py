@@ -26,7 +26,8 @@ import torch
 
 from koala.atomic import write_json_atomic
 from koala.drafters.trees import expected_accepted
-from koala.target import Target, cache_dir, device_name, sync
+from koala.home import cache_dir
+from koala.target import Target, device_name, sync
 from koala.tree import DraftTree, verify_inputs
 
 DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)

@@ -1,0 +1,126 @@
+"""koala's own C kernels for x86 CPUs (AVX2 + FMA), compiled on first use with the system's C compiler.
+
+Two kernels whose result for a row does not depend on the other rows of the call, by construction
+(kernels/cpu_kernels.c says how): `linear_kernel` (y = x W^T + b for fp32, bf16 and fp16 weights) and `attention`
+(fp32, any additive mask, GQA). BLAS libraries and SDPA pick blocking by shape, so a row verified beside n draft
+tokens comes out a rounding step different from the same row alone (measured on an AMD EPYC: every fp32 row of
+SmolLM2 differs), which breaks lossless verification. These kernels are also faster than F.linear at 1-32 rows and
+than the float64 attention they replace (docs/benchmark.md).
+
+The shared library is cached under KOALA_HOME/kernels, keyed by the source and flags. Where it cannot be built
+(no compiler, a CPU without AVX2/FMA/F16C, not Linux) or KOALA_KERNELS=0, `library()` returns None, `why()` says
+why, and callers fall back to torch's kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from koala.home import cache_dir
+
+SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-shared", "-fPIC")
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_why: list[str] = []
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def _build() -> Path:
+    """Compile the kernels for this CPU (once per source and flags) and return the shared library's path."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, out)  # atomic: a process loading it never sees half a file
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they are unavailable (see `why`)."""
+    if os.environ.get("KOALA_KERNELS", "1") == "0":
+        _why.append("KOALA_KERNELS=0")
+        return None
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    if missing:
+        _why.append(f"this CPU lacks {', '.join(sorted(missing))} (or is not Linux)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))  # after torch: the kernels share torch's OpenMP runtime and threads
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _why.append(f"could not build them: {e}")
+        return None
+    lib.koala_linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.koala_linear.restype = None
+    lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
+    lib.koala_attention.restype = None
+    return lib
+
+
+def why() -> str:
+    """Why `library()` is None ('' when it is not)."""
+    library()
+    return "; ".join(_why)
+
+
+def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
+    """x (M, K) of any float dtype -> x W^T + b (M, N) in x's dtype, row-invariant; None if unavailable here."""
+    lib = library()
+    if lib is None or weight.device.type != "cpu" or weight.dtype not in KINDS or weight.dim() != 2:
+        return None
+    weight = weight.detach().contiguous()
+    kind, (n, k) = KINDS[weight.dtype], weight.shape
+    bias = None if bias is None else bias.detach().float().contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rows = x.float().contiguous()
+        out = torch.empty(rows.shape[0], n)
+        lib.koala_linear(rows.data_ptr(), weight.data_ptr(), kind, bias_ptr, out.data_ptr(), rows.shape[0], n, k)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    run.weight, run.bias = weight, bias  # keep the buffers the pointers point into alive
+    return run
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """query (B, H, q, D) any float dtype; key/value (B, KVH, L, D) fp32 with contiguous rows (a cache's views);
+    mask (B, 1, q, L) additive fp32 or None (causal, the queries being the last q positions) -> (B, q, H, D) fp32.
+    Needs `library()`."""
+    b, heads, q, d = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    if key.stride(-1) != 1 or key.stride(-2) != d or value.stride(-1) != 1 or value.stride(-2) != d:
+        key, value = key.contiguous(), value.contiguous()
+    query = query.float().contiguous()
+    if mask is not None:
+        mask = mask.float().expand(b, 1, q, length).contiguous()
+    out = torch.empty(b, q, heads, d)
+    library().koala_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(),
+                              None if mask is None else mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, q,
+                              length, d, key.stride(0), key.stride(1), value.stride(0), value.stride(1), scale)
+    return out

@@ -1,0 +1,95 @@
+"""CPU linears whose result for a row does not depend on how many rows share the call: lossless verification.
+
+Speculative decoding is lossless only if a verify forward of n tokens gives each token the bits a one-token step
+gives it. torch's CPU linears do not: BLAS and oneDNN pick kernels and blocking by shape, so a row computed beside
+others comes out a rounding step away from the same row alone (bf16 F.linear on a Xeon from 18-34 rows on; fp32
+F.linear on an AMD EPYC from 2 rows on), and near-tied argmaxes flip.
+
+So every linear of a CPU target gets a kernel chosen once at load, in this order: oneDNN's linear on a bf16 weight
+packed once (CPUs with AVX-512/AMX: fast, and invariant up to 149 rows as measured), koala's own C kernel
+(koala.cpu_kernels: invariant at any row count by construction, fp32/bf16/fp16), else F.linear. Whatever the
+kernel, it runs in blocks of at most `block` rows, a size checked at load for each weight shape: probe rows
+computed alone must come out the same inside calls of up to `block` rows (the block halves until they do; one row
+at a time is invariant by construction).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from koala.cpu_kernels import linear_kernel
+
+MAX_BLOCK = 128  # rows per call; prefills run in blocks of this many rows
+PROBE_ROWS = (2, 3, 5, 8, 13, 17, 24, 33, 48, 65, 96, 128)  # row counts the load-time check compares
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _onednn_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
+    """oneDNN's linear on a bf16 weight packed once (no per-call reordering), where the CPU supports it."""
+    if weight.dtype != torch.bfloat16:
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        kernel = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # noqa: E731
+        kernel(weight.new_zeros(1, weight.shape[1]))
+        return kernel
+    except (AttributeError, RuntimeError):  # torch without oneDNN, or a CPU without bf16 instructions
+        return None
+
+
+@functools.cache
+def bf16_backend() -> str:
+    """Which kernel a CPU bf16 linear gets here: 'onednn' (packed; AVX-512/AMX CPUs), 'koala' (the C kernel), or
+    'torch' (F.linear)."""
+    weight = torch.zeros(8, 8, dtype=torch.bfloat16)
+    if _onednn_bf16(weight, None) is not None:
+        return "onednn"
+    return "koala" if linear_kernel(weight, None) is not None else "torch"
+
+
+def _kernel(linear: torch.nn.Linear) -> Kernel:
+    """The first available of: packed oneDNN bf16, koala's C kernel, F.linear."""
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    return _onednn_bf16(weight, bias) or linear_kernel(weight, bias) or (lambda x: F.linear(x, weight, bias))
+
+
+def invariant_block(kernel: Kernel, in_features: int, dtype: torch.dtype, limit: int = MAX_BLOCK) -> int:
+    """The largest block (a power of two <= limit) within which the probe rows come out as they do alone."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(limit, in_features, generator=gen).to(dtype)
+    alone = torch.cat([kernel(probe[i:i + 1]) for i in range(limit)])
+    block = limit
+    while block > 1 and not all(torch.equal(kernel(probe[:n]), alone[:n]) for n in PROBE_ROWS if n <= block):
+        block //= 2
+    return block
+
+
+def _forward(kernel: Kernel, block: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if len(rows) <= block:
+            out = kernel(rows)
+        else:
+            out = torch.cat([kernel(rows[i:i + block]) for i in range(0, len(rows), block)])
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return forward  # a closure, not a bound method: deep-copying the module copies no packed (opaque) weight
+
+
+@torch.inference_mode()
+def use_invariant_linears(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+    """Give every nn.Linear of a frozen CPU model a row-invariant kernel run in checked blocks; returns the block per
+    weight shape. The weights must not change afterwards (the kernels read them, or packed copies, directly)."""
+    blocks: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.device.type != "cpu":
+            continue
+        kernel = _kernel(module)
+        shape = tuple(module.weight.shape)
+        if shape not in blocks:
+            blocks[shape] = invariant_block(kernel, module.in_features, module.weight.dtype)
+        module.forward = _forward(kernel, blocks[shape])
+    return blocks

@@ -1,0 +1,95 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from koala import cpu_kernels, invariant_linear
+from koala.invariant_linear import invariant_block, use_invariant_linears
+
+
+def _linear(out_features, in_features, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(in_features, out_features, bias=False).bfloat16().requires_grad_(False)
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576)])  # SmolLM2's MLP: F.linear's rows drift from 18 / 28 rows
+def test_each_row_is_the_same_alone_and_inside_any_call(shape):
+    layer = _linear(*shape)
+    blocks = use_invariant_linears(torch.nn.Sequential(layer))
+    assert blocks[shape] >= 16
+    x = torch.randn(200, shape[1]).bfloat16()
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    for n in [*range(2, 70), 127, 128, 129, 200]:  # verify widths, a prefill over several blocks
+        assert torch.equal(layer(x[:n]), alone[:n]), n
+    assert torch.equal(layer(x[None, :40]), alone[None, :40])  # (batch, rows, features) too
+    torch.testing.assert_close(alone.float(), F.linear(x, layer.weight).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_the_block_shrinks_until_the_rows_agree():
+    weight = torch.randn(8, 16).bfloat16()
+
+    def drifts_above_20_rows(x):  # a kernel that changes its rows once a call holds more than 20
+        out = F.linear(x, weight)
+        return out * (1 + 2 ** -6) if len(x) > 20 else out
+
+    assert invariant_block(drifts_above_20_rows, 16, torch.bfloat16) == 16
+    assert invariant_block(lambda x: F.linear(x, weight), 16, torch.bfloat16) == 128
+
+
+def test_patched_models_still_deep_copy():
+    model = torch.nn.Sequential(_linear(32, 16), torch.nn.Linear(16, 4))
+    assert sorted(use_invariant_linears(model)) == [(4, 16), (32, 16)]
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 16).bfloat16()
+    assert torch.equal(twin[0](x), model[0](x))
+
+
+kernels = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no C kernels here: {cpu_kernels.why()}")
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(577, 576), (64, 1539), (7, 3)])  # odd column counts and a k tail
+def test_c_kernel_rows_are_invariant_and_match_f_linear(dtype, shape):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(*shape).to(dtype), torch.randn(shape[0])
+    kernel = cpu_kernels.linear_kernel(weight, bias)
+    x = torch.randn(41, shape[1])
+    full = kernel(x)
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 33):  # both tile heights, the widened-weight path from 8 rows on
+        for start in (0, 1, 6):
+            assert torch.equal(kernel(x[start:start + n]), full[start:start + n]), (n, start)
+    torch.testing.assert_close(full, F.linear(x, weight.float(), bias), atol=1e-4, rtol=1e-4)
+    assert kernel(x.to(dtype)).dtype == dtype
+
+
+@kernels
+def test_targets_take_the_c_kernel_where_onednn_cannot_pack(monkeypatch):
+    monkeypatch.setattr(invariant_linear, "_onednn_bf16", lambda weight, bias: None)
+    layer = torch.nn.Linear(24, 10).requires_grad_(False)
+    assert use_invariant_linears(torch.nn.Sequential(layer)) == {(10, 24): 128}
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer(x[:1]), layer(x)[:1])
+
+
+def test_without_the_c_kernels_linears_fall_back_to_torch(monkeypatch):
+    monkeypatch.setattr(invariant_linear, "linear_kernel", lambda weight, bias: None)
+    monkeypatch.setattr(invariant_linear, "_onednn_bf16", lambda weight, bias: None)
+    layer = torch.nn.Linear(24, 10).requires_grad_(False)
+    use_invariant_linears(torch.nn.Sequential(layer))
+    x = torch.randn(5, 24)
+    assert torch.equal(layer(x[:1]), F.linear(x[:1], layer.weight, layer.bias))
+
+
+def test_kernels_can_be_switched_off_and_say_why(monkeypatch):
+    monkeypatch.setenv("KOALA_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernels, "_why", [])
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None and cpu_kernels.linear_kernel(torch.ones(2, 2), None) is None
+        assert "KOALA_KERNELS=0" in cpu_kernels.why()
+    finally:
+        monkeypatch.delenv("KOALA_KERNELS")
+        cpu_kernels.library.cache_clear()
