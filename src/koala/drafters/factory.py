@@ -12,6 +12,7 @@ from koala.drafters.plan import Plan, candidate_plans, choose_plan
 from koala.drafters.pld import PromptLookupDrafter
 from koala.drafters.trees import Path as TreePath
 from koala.heads.checkpoint import load_head
+from koala.invariant_linear import use_invariant_linears
 from koala.heads.config import WEIGHTS
 from koala.kinds import kind
 
@@ -69,6 +70,8 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
     if lookup < 0:
         raise ValueError(f"--lookup must be >= 0 (0 = off), got {lookup}.")
     head = load_head(path, target)
+    if target.device.type == "cpu":  # the same kernels as the target: faster than F.linear at a draft step's rows
+        use_invariant_linears(head)
     cls = kind(head.cfg.kind).drafter
     _, full_depth, top_k = cls.settings(head, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)
