@@ -12,8 +12,8 @@ from koala.drafters.plan import Plan, candidate_plans, choose_plan
 from koala.drafters.pld import PromptLookupDrafter
 from koala.drafters.trees import Path as TreePath
 from koala.heads.checkpoint import load_head
-from koala.invariant_linear import use_invariant_linears
 from koala.heads.config import WEIGHTS
+from koala.invariant_linear import use_invariant_linears
 from koala.kinds import kind
 
 
