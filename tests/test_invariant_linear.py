@@ -93,3 +93,19 @@ def test_kernels_can_be_switched_off_and_say_why(monkeypatch):
     finally:
         monkeypatch.delenv("KOALA_KERNELS")
         cpu_kernels.library.cache_clear()
+
+
+def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path))  # nothing compiled there yet
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setattr(cpu_kernels, "_why", [])
+    cpu_kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="using torch's kernels"):
+            assert cpu_kernels.library() is None
+        assert "could not build them: false failed" in cpu_kernels.why()
+        assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()

@@ -19,6 +19,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ def _build() -> Path:
     out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
@@ -72,6 +74,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build()))  # after torch: the kernels share torch's OpenMP runtime and threads
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why.append(f"could not build them: {e}")
+        warnings.warn(f"koala's C kernels are unavailable ({_why[-1]}); using torch's kernels, which are slower on "
+                      f"some CPUs and need a row-by-row check to stay lossless", stacklevel=2)
         return None
     lib.koala_linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
