@@ -83,6 +83,44 @@ def test_append_caches_only_new_conversations(llama_target, tmp_path):
     assert build_cache(llama_target, data, tmp_path / "c", max_length=64, append=True, progress=False) == grown
 
 
+def test_a_killed_build_resumes_into_the_same_cache(llama_target, tmp_path, monkeypatch):
+    import koala.hidden_cache as hc
+
+    data = _distilled(tmp_path)
+    whole = build_cache(llama_target, data, tmp_path / "whole", max_length=64, batch_tokens=20, shard_tokens=10,
+                        progress=False)
+    assert len(whole["shards"]) >= 3
+    write, written = hc.write_shard, []
+
+    def killed_after_two(*a, **kw):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(write(*a, **kw))
+        return written[-1]
+
+    monkeypatch.setattr(hc, "write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(llama_target, data, tmp_path / "c", max_length=64, batch_tokens=20, shard_tokens=10,
+                    progress=False)
+    assert not (tmp_path / "c").exists()
+    assert json.loads((tmp_path / "c.tmp" / "manifest.json").read_text())["shards"] == written
+    monkeypatch.setattr(hc, "write_shard", write)
+    with pytest.raises(ValueError, match="unfinished cache"):
+        build_cache(llama_target, tmp_path / "other.jsonl", tmp_path / "c", max_length=64, progress=False)
+    resumed = build_cache(llama_target, data, tmp_path / "c", max_length=64, batch_tokens=20, shard_tokens=10,
+                          progress=False)
+    drop = ("seconds", "shards")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    a, b = HiddenCache(tmp_path / "whole"), HiddenCache(tmp_path / "c")
+    assert len(a) == len(b) == whole["sequences"]
+    assert [s["tokens"] for s in resumed["shards"]] == [s["tokens"] for s in whole["shards"]]
+    for i in range(len(a)):
+        for x, y in zip(a.tokens(i), b.tokens(i)):
+            assert np.array_equal(x, y)
+    batch_a, batch_b = a.batch(list(range(len(a)))), b.batch(list(range(len(b))))
+    assert torch.equal(batch_a.hidden, batch_b.hidden)
+
+
 @pytest.mark.slow
 def test_smollm2_chat_template_mask(smollm2):
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},

@@ -57,11 +57,45 @@ def test_c_kernel_rows_are_invariant_and_match_f_linear(dtype, shape):
     kernel = cpu_kernels.linear_kernel(weight, bias)
     x = torch.randn(41, shape[1])
     full = kernel(x)
-    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 33):  # both tile heights, the widened-weight path from 8 rows on
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 16, 33):  # every tile height (6 rows, then 1-5), several tiles
         for start in (0, 1, 6):
             assert torch.equal(kernel(x[start:start + n]), full[start:start + n]), (n, start)
     torch.testing.assert_close(full, F.linear(x, weight.float(), bias), atol=1e-4, rtol=1e-4)
-    assert kernel(x.to(dtype)).dtype == dtype
+    half = x.to(dtype)  # half-precision rows in and out: widened exactly, the result rounded as .to() rounds
+    assert torch.equal(kernel(half), kernel(half.float()).to(dtype))
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_c_rmsnorm_matches_llama_and_keeps_rows_invariant(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(577, eps=1e-5).to(dtype).requires_grad_(False)
+    norm.weight.uniform_(0.5, 2)
+    x = (3 * torch.randn(2, 13, 577)).to(dtype)
+    expected = norm(x)
+    assert cpu_kernels.use_kernel_norms(torch.nn.Sequential(norm)) == 1
+    got = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    assert torch.equal(norm(x[:, 4:5]), got[:, 4:5])
+
+
+@kernels
+def test_norms_that_are_not_llama_style_keep_their_own_forward():
+    class GemmaStyleRMSNorm(torch.nn.Module):  # scales by (1 + weight): the probe check must refuse it
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.full((16,), 0.5)), 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+    norm = GemmaStyleRMSNorm().requires_grad_(False)
+    assert cpu_kernels.use_kernel_norms(torch.nn.Sequential(norm)) == 0
+    assert "forward" not in vars(norm)
 
 
 @kernels

@@ -106,10 +106,10 @@ def tokenize_conversation(target, messages: list[dict], cut: list[bool] | None =
 
 def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStats,
                      max_sequences: int | None = None, skip_keys: set[int] = frozenset(),
-                     ) -> list[tuple[int, list[int], list[bool]]]:
-    """(key, ids, mask) of a distilled file, cut to max_length (cuts and skips counted in `stats`); the key is the
-    conversation's position in the file, and conversations whose key is in `skip_keys` (already cached) are
-    passed over."""
+                     cuts: dict[int, int] | None = None) -> list[tuple[int, list[int], list[bool]]]:
+    """(key, ids, mask) of a distilled file, cut to max_length (cuts and skips counted in `stats`, and the tokens
+    cut per key in `cuts` if given); the key is the conversation's position in the file, and conversations whose
+    key is in `skip_keys` (already cached) are passed over."""
     read = ReadStats()
     out = []
     for conv in read_conversations(data, read):
@@ -129,6 +129,8 @@ def tokenize_records(target, data: str | Path, max_length: int, stats: TokenStat
         if len(ids) > max_length:
             stats.cut_sequences += 1
             stats.cut_tokens += len(ids) - max_length
+            if cuts is not None:
+                cuts[conv.index] = len(ids) - max_length
             ids, mask = ids[:max_length], mask[:max_length]
         if sum(mask[1:]) == 0:  # position 0 is never predicted
             stats.skip("no assistant tokens (within max length)")
@@ -362,40 +364,70 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
                 append: bool = False, progress: bool = True, aux_layers: tuple[int, ...] = ()) -> dict:
     """One target pass over `data` into the cache directory `out` (also the inputs to `aux_layers`, if any).
 
-    A new cache is written to out.tmp and renamed. With append=True an existing cache gets new shards for the
-    conversations it does not hold yet (so caching can follow a distillation that is still running); the manifest
-    is rewritten last, atomically, so a killed append leaves the cache as it was.
+    A new cache is written to out.tmp and renamed when complete; a build that was killed resumes from the shards
+    out.tmp holds (the same batches as an uninterrupted run: shards end at batch boundaries). With append=True an
+    existing cache gets new shards for the conversations it does not hold yet (so caching can follow a
+    distillation that is still running). The manifest is rewritten atomically after every shard, so a kill loses
+    at most the shard in progress.
     """
     from tqdm import tqdm
 
     out = Path(out)
     old = None
+    work = out.with_name(out.name + ".tmp")
     if (out / MANIFEST).exists():
         if not append:
             raise ValueError(f"{out} already holds a cache; pass a new --out, --append, or delete it.")
-        old = json.loads((out / MANIFEST).read_text())
+        work = out
+    if (work / MANIFEST).exists():
+        old = json.loads((work / MANIFEST).read_text())
+        if old["source"] != str(data) and work != out:
+            raise ValueError(f"{work} holds an unfinished cache of {old['source']}; delete it to cache {data}.")
         if old["target"]["lm_head_sha256"] != target.identity["lm_head_sha256"]:
-            raise ValueError(f"{out} was built from another target ({old.get('target_name')}); cannot append.")
+            raise ValueError(f"{work} was built from another target ({old.get('target_name')}); cannot add to it.")
         if old["max_length"] != max_length:
-            raise ValueError(f"{out} uses max_length {old['max_length']}; append with the same --max-length.")
+            raise ValueError(f"{work} uses max_length {old['max_length']}; continue with the same --max-length.")
         if tuple(old.get("aux_layers", ())) != tuple(aux_layers):
-            raise ValueError(f"{out} holds aux layers {old.get('aux_layers', [])}; append with the same "
+            raise ValueError(f"{work} holds aux layers {old.get('aux_layers', [])}; continue with the same "
                              f"--aux-layers.")
+        if work != out and progress:
+            print(f"Resuming the unfinished cache in {work}: {old['sequences']} sequences done.", file=sys.stderr)
     start = time.perf_counter()
     stats = TokenStats()
-    done = shard_keys(out, old["shards"]) if old else set()
-    seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_keys=done)
+    done = shard_keys(work, old["shards"]) if old else set()
+    cuts: dict[int, int] = {}
+    seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_keys=done, cuts=cuts)
     if not seqs:
-        if old is not None:
+        if old is None:
+            raise ValueError(f"No usable conversation in {data} ({stats.skipped or 'empty file'}).")
+        if work == out:
             return old
-        raise ValueError(f"No usable conversation in {data} ({stats.skipped or 'empty file'}).")
-    work = out if old is not None else out.with_name(out.name + ".tmp")
     if old is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][1]))  # similar lengths per batch: little padding
     shards = list((old or {}).get("shards", []))
     pending_h, pending_a, pending_s = [], [], []
+    written = TokenStats()  # what the shards written by this run hold
+
+    def manifest() -> dict:
+        def total(key: str) -> int:
+            return (old or {}).get(key, 0) + getattr(written, key)
+
+        # every pass reads the whole file, so it meets the records an earlier pass over the same file skipped
+        skipped = dict((old or {}).get("skipped", {})) if old and old["source"] != str(data) else {}
+        for k, v in stats.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        return {
+            "format": FORMAT, "source": str(data), "target": target.identity, "target_name": target.name,
+            "hidden_size": int(target.config.hidden_size), "dtype": "float16", "max_length": max_length,
+            "aux_layers": list(aux_layers),
+            "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
+            "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,
+            "shards": shards, "seconds": round((old or {}).get("seconds", 0) + time.perf_counter() - start, 1),
+            "bytes": sum(sh["bytes"] for sh in shards),
+        }
+
     bar = tqdm(total=stats.tokens, unit="tok", disable=not progress, mininterval=5, file=sys.stderr)
     i = 0
     while i < len(order):
@@ -416,29 +448,20 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
         if sum(len(s[1]) for s in pending_s) >= shard_tokens or j == len(order):
             shards.append(write_shard(work / f"shard{len(shards):04d}", [s[1:] for s in pending_s],
                                       pending_h, [{"key": s[0]} for s in pending_s], pending_a))
+            for key, ids, mask, _ in pending_s:
+                written.sequences, written.tokens, written.loss_tokens = (
+                    written.sequences + 1, written.tokens + len(ids), written.loss_tokens + sum(mask))
+                written.cut_sequences += key in cuts
+                written.cut_tokens += cuts.get(key, 0)
+            write_json_atomic(work / MANIFEST, manifest())
             pending_h, pending_a, pending_s = [], [], []
         i = j
     bar.close()
-
-    def total(key: str) -> int:
-        return (old or {}).get(key, 0) + getattr(stats, key)
-
-    skipped = dict((old or {}).get("skipped", {}))
-    for k, v in stats.skipped.items():
-        skipped[k] = skipped.get(k, 0) + v
-    manifest = {
-        "format": FORMAT, "source": str(data), "target": target.identity, "target_name": target.name,
-        "hidden_size": int(target.config.hidden_size), "dtype": "float16", "max_length": max_length,
-        "aux_layers": list(aux_layers),
-        "sequences": total("sequences"), "tokens": total("tokens"), "loss_tokens": total("loss_tokens"),
-        "cut_sequences": total("cut_sequences"), "cut_tokens": total("cut_tokens"), "skipped": skipped,
-        "shards": shards, "seconds": round((old or {}).get("seconds", 0) + time.perf_counter() - start, 1),
-        "bytes": sum(sh["bytes"] for sh in shards),
-    }
-    write_json_atomic(work / MANIFEST, manifest)
-    if old is None:
+    final = manifest()
+    write_json_atomic(work / MANIFEST, final)
+    if work != out:
         work.replace(out)
-    return manifest
+    return final
 
 
 def _run(args) -> int:
@@ -455,7 +478,8 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("cache", help="store the target's hidden states over distilled data for head training")
     p.add_argument("--data", required=True, help="distilled conversations (JSONL from `koala distill`)")
-    p.add_argument("--out", required=True, help="new cache directory")
+    p.add_argument("--out", required=True,
+                   help="new cache directory (built in OUT.tmp; run the same command again to resume a killed build)")
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per conversation; longer ones are cut")
     p.add_argument("--max-sequences", type=positive_int, default=None)
     p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per target forward pass")

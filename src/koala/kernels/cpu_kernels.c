@@ -1,33 +1,18 @@
 /* y = x W^T (+ b) on x86 CPUs with AVX2 and FMA, for fp32, bf16 or fp16 weights and fp32 activations.
 
-   Every output element is the same chain of operations whatever the number of rows M and whatever tile it falls
-   in: 8-lane FMAs over k in order, one fixed horizontal sum, scalar FMAs over the tail, then the bias. So a row's
-   result does not depend on how many rows share the call, which is what makes verifying n draft tokens give each
-   the bits of a one-token step (lossless speculative decoding). Half-precision weights are widened exactly to
-   fp32; for 8 rows or more a block of columns is widened once into a small buffer and reused by every row.
+   The weight is packed once (koala_pack) into panels of 16 columns stored k-major, so one 32- or 64-byte load
+   gives a column block's weights at one k. A tile of R rows x 16 columns broadcasts x[r, k] and accumulates with
+   one FMA per output element per k, k in order: every output element is the same chain (0, fma over k = 0..K-1,
+   then the bias) whatever the number of rows M and whatever tile it falls in. So a row's result does not depend
+   on how many rows share the call, which is what makes verifying n draft tokens give each the bits of a
+   one-token step (lossless speculative decoding). Half-precision weights are widened exactly to fp32.
    Compiled by koala.cpu_kernels with -ffp-contract=off so the compiler cannot fuse or reorder differently. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-enum { F32 = 0, BF16 = 1, F16 = 2, COLS = 3, ROWS = 4, BUF_K = 4096 };
-
-static inline __m256 load8(const void *w, int kind, int64_t i) {
-  if (kind == F32) return _mm256_loadu_ps((const float *)w + i);
-  __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-  if (kind == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  return _mm256_cvtph_ps(h);
-}
-
-static inline float load1(const void *w, int kind, int64_t i) {
-  if (kind == F32) return ((const float *)w)[i];
-  uint16_t v = ((const uint16_t *)w)[i];
-  if (kind == BF16) {
-    union { uint32_t u; float f; } c = {(uint32_t)v << 16};
-    return c.f;
-  }
-  return _cvtsh_ss(v);
-}
+enum { F32 = 0, BF16 = 1, F16 = 2, PANEL = 16, ROWS = 6 };
 
 static inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -36,66 +21,154 @@ static inline float hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-/* R rows (from m0) x C columns (w points at the block's first column, rows of length K) into y[., n0 + c]. */
-#define TILE(R, C)                                                                                         \
-  static inline void tile_##R##_##C(const float *x, const void *w, int kind, const float *bias, float *y, \
-                                    int64_t m0, int64_t n0, int64_t N, int64_t K) {                      \
-    __m256 acc[R][C];                                                                                      \
-    for (int r = 0; r < R; r++)                                                                            \
-      for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();                                        \
-    int64_t k = 0;                                                                                         \
-    for (; k + 8 <= K; k += 8) {                                                                           \
-      __m256 wv[C];                                                                                        \
-      for (int c = 0; c < C; c++) wv[c] = load8(w, kind, c * K + k);                                       \
-      for (int r = 0; r < R; r++) {                                                                        \
-        __m256 xv = _mm256_loadu_ps(x + (m0 + r) * K + k);                                                 \
-        for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);                     \
-      }                                                                                                    \
-    }                                                                                                      \
-    for (int r = 0; r < R; r++)                                                                            \
-      for (int c = 0; c < C; c++) {                                                                        \
-        float s = hsum(acc[r][c]);                                                                         \
-        for (int64_t t = k; t < K; t++) s = fmaf(x[(m0 + r) * K + t], load1(w, kind, c * K + t), s);      \
-        if (bias) s += bias[n0 + c];                                                                       \
-        y[(m0 + r) * N + n0 + c] = s;                                                                      \
-      }                                                                                                    \
-  }
-TILE(4, 3) /* ROWS x COLS */
-TILE(1, 3)
-TILE(4, 1)
-TILE(1, 1)
+static inline float to_float(const void *v, int kind, int64_t i) {
+  if (kind == F32) return ((const float *)v)[i];
+  uint16_t h = ((const uint16_t *)v)[i];
+  if (kind == F16) return _cvtsh_ss(h);
+  union { uint32_t u; float f; } c = {(uint32_t)h << 16};
+  return c.f;
+}
 
-/* Columns [n0, n0 + cols) for every row; cols is COLS or 1. */
-static void block(const float *x, const void *w, int kind, const float *bias, float *y, int64_t M, int64_t N,
-                  int64_t K, int64_t n0, int cols) {
-  float buf[COLS * BUF_K];
-  const void *wb = (const char *)w + n0 * K * (kind == F32 ? 4 : 2);
-  if (kind != F32 && M >= 2 * ROWS && K <= BUF_K) { /* widen once, exactly: the same bits as widening per row */
-    int64_t i = 0;
-    for (; i + 8 <= cols * K; i += 8) _mm256_storeu_ps(buf + i, load8(wb, kind, i));
-    for (; i < cols * K; i++) buf[i] = load1(wb, kind, i);
-    wb = buf;
-    kind = F32;
-  }
-  int64_t m = 0;
-  for (; m + ROWS <= M; m += ROWS) {
-    if (cols == COLS) tile_4_3(x, wb, kind, bias, y, m, n0, N, K);
-    else tile_4_1(x, wb, kind, bias, y, m, n0, N, K);
-  }
-  for (; m < M; m++) {
-    if (cols == COLS) tile_1_3(x, wb, kind, bias, y, m, n0, N, K);
-    else tile_1_1(x, wb, kind, bias, y, m, n0, N, K);
+/* Stores f into element i of v in its kind, rounding to nearest even as torch's .to() does. */
+static inline void store(void *v, int kind, int64_t i, float f) {
+  if (kind == F32) {
+    ((float *)v)[i] = f;
+  } else if (kind == F16) {
+    ((uint16_t *)v)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+  } else {
+    union { float f; uint32_t u; } c = {f};
+    ((uint16_t *)v)[i] = isnan(f) ? 0x7FC0 : (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16);
   }
 }
 
-void koala_linear(const float *x, const void *w, int kind, const float *bias, float *y, int64_t M, int64_t N,
-                  int64_t K) {
-  int64_t full = N / COLS, blocks = full + N % COLS;
+/* Bytes per packed panel: PANEL columns x K, padded columns zero. */
+int64_t koala_panel_bytes(int kind, int64_t K) { return PANEL * K * (kind == F32 ? 4 : 2); }
+
+/* w (N, K) row-major -> ceil(N / PANEL) panels, each K steps of PANEL values. bf16 steps are stored interleaved
+   (value 2j is column j, value 2j + 1 column 8 + j), so that a shift and a mask of one 32-byte load give columns
+   0-7 and 8-15 as fp32; fp32 and fp16 steps are in column order. */
+void koala_pack(const void *w, int kind, void *packed, int64_t N, int64_t K) {
+  int64_t panels = (N + PANEL - 1) / PANEL;
+  #pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < panels; p++)
+    for (int64_t k = 0; k < K; k++)
+      for (int64_t c = 0; c < PANEL; c++) {
+        int64_t n = p * PANEL + c, at = (p * K + k) * PANEL;
+        if (kind == F32) {
+          ((float *)packed)[at + c] = n < N ? ((const float *)w)[n * K + k] : 0.0f;
+        } else {
+          int64_t slot = kind == BF16 ? (c < 8 ? 2 * c : 2 * (c - 8) + 1) : c;
+          ((uint16_t *)packed)[at + slot] = n < N ? ((const uint16_t *)w)[n * K + k] : 0;
+        }
+      }
+}
+
+/* The packed weights of one panel at step k as two fp32 vectors: columns 0-7 and 8-15. */
+static inline void load_step(const void *panel, int kind, int64_t k, __m256 *lo, __m256 *hi) {
+  if (kind == F32) {
+    const float *p = (const float *)panel + k * PANEL;
+    *lo = _mm256_loadu_ps(p);
+    *hi = _mm256_loadu_ps(p + 8);
+  } else if (kind == BF16) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + k * PANEL));
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+  } else {
+    const __m128i *p = (const __m128i *)((const uint16_t *)panel + k * PANEL);
+    *lo = _mm256_cvtph_ps(_mm_loadu_si128(p));
+    *hi = _mm256_cvtph_ps(_mm_loadu_si128(p + 1));
+  }
+}
+
+/* R rows (from x) x the panel's columns [n0, n0 + cols) into y (rows N apart). R and kind are constants at every
+   call site, so the compiler keeps the 2R accumulators in registers and drops the other kinds' branches. */
+static inline __attribute__((always_inline)) void tile(int R, int kind, const float *x, const void *panel,
+                                                       const float *bias, void *y, int ykind, int64_t m0,
+                                                       int64_t n0, int cols, int64_t N, int64_t K) {
+  __m256 acc[ROWS][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k++) {
+    __m256 lo, hi;
+    load_step(panel, kind, k, &lo, &hi);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+      __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+      acc[r][0] = _mm256_fmadd_ps(xv, lo, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xv, hi, acc[r][1]);
+    }
+  }
+  float out[ROWS][PANEL]; /* out of registers only after the loop: indexing acc below would keep it in memory */
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    _mm256_storeu_ps(out[r], acc[r][0]);
+    _mm256_storeu_ps(out[r] + 8, acc[r][1]);
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < cols; c++) store(y, ykind, (m0 + r) * N + n0 + c, bias ? out[r][c] + bias[n0 + c] : out[r][c]);
+}
+
+#define TILES(kind)                                                                                         \
+  static void rows_##kind(const float *x, const void *panel, const float *bias, void *y, int ykind,         \
+                          int64_t M, int64_t n0, int cols, int64_t N, int64_t K) {                          \
+    int64_t m = 0;                                                                                          \
+    for (; m + ROWS <= M; m += ROWS) tile(ROWS, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); \
+    switch (M - m) {                                                                                        \
+      case 5: tile(5, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); break;                    \
+      case 4: tile(4, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); break;                    \
+      case 3: tile(3, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); break;                    \
+      case 2: tile(2, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); break;                    \
+      case 1: tile(1, kind, x + m * K, panel, bias, y, ykind, m, n0, cols, N, K); break;                    \
+    }                                                                                                       \
+  }
+TILES(F32)
+TILES(BF16)
+TILES(F16)
+
+/* x (M, K) of xkind, packed weights of kind from koala_pack, bias (N) fp32 or NULL -> y (M, N) of ykind.
+   Half-precision x is widened (exactly) once into a scratch buffer. */
+void koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
+                  int64_t M, int64_t N, int64_t K) {
+  const float *xf = (const float *)x;
+  float *wide = 0;
+  if (xkind != F32) {
+    wide = (float *)malloc((size_t)(M * K) * sizeof(float));
+    for (int64_t i = 0; i < M * K; i++) wide[i] = to_float(x, xkind, i);
+    xf = wide;
+  }
+  int64_t panels = (N + PANEL - 1) / PANEL, bytes = koala_panel_bytes(kind, K);
   /* small products are not worth waking a second thread for (threads never change a result) */
   #pragma omp parallel for schedule(static) if (M * N * K > (1 << 17))
-  for (int64_t b = 0; b < blocks; b++) {
-    if (b < full) block(x, w, kind, bias, y, M, N, K, b * COLS, COLS);
-    else block(x, w, kind, bias, y, M, N, K, full * COLS + (b - full), 1);
+  for (int64_t p = 0; p < panels; p++) {
+    const void *panel = (const char *)packed + p * bytes;
+    int cols = N - p * PANEL < PANEL ? (int)(N - p * PANEL) : PANEL;
+    if (kind == F32) rows_F32(xf, panel, bias, y, ykind, M, p * PANEL, cols, N, K);
+    else if (kind == BF16) rows_BF16(xf, panel, bias, y, ykind, M, p * PANEL, cols, N, K);
+    else rows_F16(xf, panel, bias, y, ykind, M, p * PANEL, cols, N, K);
+  }
+  free(wide);
+}
+
+/* RMSNorm as Llama-family models define it, per row: h = x / sqrt(mean(x^2) + eps) in fp32, rounded to x's kind,
+   times the weight (same kind), rounded again. The sum of squares runs in a fixed order, so rows are invariant. */
+void koala_rmsnorm(const void *x, const void *w, int kind, float eps, void *y, int64_t M, int64_t K) {
+  #pragma omp parallel for schedule(static) if (M * K > (1 << 16))
+  for (int64_t m = 0; m < M; m++) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      float v[8];
+      for (int j = 0; j < 8; j++) v[j] = to_float(x, kind, m * K + k + j);
+      __m256 xv = _mm256_loadu_ps(v);
+      acc = _mm256_fmadd_ps(xv, xv, acc);
+    }
+    float s = hsum(acc);
+    for (; k < K; k++) s = fmaf(to_float(x, kind, m * K + k), to_float(x, kind, m * K + k), s);
+    float r = 1.0f / sqrtf(s / (float)K + eps);
+    for (k = 0; k < K; k++) {
+      store(y, kind, m * K + k, to_float(x, kind, m * K + k) * r);
+      store(y, kind, m * K + k, to_float(w, kind, k) * to_float(y, kind, m * K + k));
+    }
   }
 }
 
