@@ -1,11 +1,12 @@
 """koala's own C kernels for x86 CPUs (AVX2 + FMA), compiled on first use with the system's C compiler.
 
-Two kernels whose result for a row does not depend on the other rows of the call, by construction
-(kernels/cpu_kernels.c says how): `linear_kernel` (y = x W^T + b for fp32, bf16 and fp16 weights) and `attention`
-(fp32, any additive mask, GQA). BLAS libraries and SDPA pick blocking by shape, so a row verified beside n draft
-tokens comes out a rounding step different from the same row alone (measured on an AMD EPYC: every fp32 row of
-SmolLM2 differs), which breaks lossless verification. These kernels are also faster than F.linear at 1-32 rows and
-than the float64 attention they replace (docs/benchmark.md).
+Kernels whose result for a row does not depend on the other rows of the call, by construction
+(kernels/cpu_kernels.c says how): `linear_kernel` (y = x W^T + b for fp32, bf16 and fp16 weights, packed once into
+k-major panels), `attention` (fp32, any additive mask, GQA) and `use_kernel_norms` (Llama-style RMSNorm in one
+call). BLAS libraries and SDPA pick blocking by shape, so a row verified beside n draft tokens comes out a rounding
+step different from the same row alone (measured on an AMD EPYC: every fp32 row of SmolLM2 differs), which breaks
+lossless verification. These kernels are also faster than F.linear and than the float64 attention they replace
+(docs/benchmark.md).
 
 The shared library is cached under KOALA_HOME/kernels, keyed by the source and flags. Where it cannot be built
 (no compiler, a CPU without AVX2/FMA/F16C, not Linux) or KOALA_KERNELS=0, `library()` returns None, `why()` says
@@ -41,13 +42,16 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
+def _key() -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+
+
 def _build() -> Path:
     """Compile the kernels for this CPU (once per source and flags) and return the shared library's path."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    out = cache_dir() / "kernels" / f"cpu_kernels-{_key()}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -90,6 +94,12 @@ def library() -> ctypes.CDLL | None:
     lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
     lib.koala_attention.restype = None
     return lib
+
+
+def version() -> str:
+    """Which kernels run here (a hash of their source and flags, or 'torch'): timings measured with other kernels
+    do not apply."""
+    return _key() if library() is not None else "torch"
 
 
 def why() -> str:

@@ -51,9 +51,10 @@ def bf16_backend() -> str:
     return "koala" if linear_kernel(weight, None) is not None else "torch"
 
 
-def _kernel(linear: torch.nn.Linear) -> Kernel:
+def _kernel(linear: torch.nn.Module) -> Kernel:
     """The first available of: packed oneDNN bf16, koala's C kernel, F.linear."""
-    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    bias = getattr(linear, "bias", None)
+    weight, bias = linear.weight.detach(), None if bias is None else bias.detach()
     return _onednn_bf16(weight, bias) or linear_kernel(weight, bias) or (lambda x: F.linear(x, weight, bias))
 
 
@@ -81,15 +82,17 @@ def _forward(kernel: Kernel, block: int) -> Callable[[torch.Tensor], torch.Tenso
 
 @torch.inference_mode()
 def use_invariant_linears(model: torch.nn.Module) -> dict[tuple[int, int], int]:
-    """Give every nn.Linear of a frozen CPU model a row-invariant kernel run in checked blocks; returns the block per
-    weight shape. The weights must not change afterwards (the kernels read them, or packed copies, directly)."""
+    """Give every nn.Linear of a frozen CPU model (and every module that computes F.linear(x, self.weight) and says
+    so with `frozen_linear = True`, like a draft LM head) a row-invariant kernel run in checked blocks; returns the
+    block per weight shape. The weights must not change afterwards (the kernels read them, or packed copies)."""
     blocks: dict[tuple[int, int], int] = {}
     for module in model.modules():
-        if type(module) is not torch.nn.Linear or module.weight.device.type != "cpu":
+        linear = type(module) is torch.nn.Linear or getattr(module, "frozen_linear", False)
+        if not linear or module.weight.device.type != "cpu":
             continue
         kernel = _kernel(module)
         shape = tuple(module.weight.shape)
         if shape not in blocks:
-            blocks[shape] = invariant_block(kernel, module.in_features, module.weight.dtype)
+            blocks[shape] = invariant_block(kernel, shape[1], module.weight.dtype)
         module.forward = _forward(kernel, blocks[shape])
     return blocks

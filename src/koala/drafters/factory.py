@@ -5,6 +5,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from koala.cpu_kernels import use_kernel_norms
 from koala.drafters.base import Drafter
 from koala.drafters.gate import GatedDrafter
 from koala.drafters.hybrid import FirstOf
@@ -70,8 +71,9 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
     if lookup < 0:
         raise ValueError(f"--lookup must be >= 0 (0 = off), got {lookup}.")
     head = load_head(path, target)
-    if target.device.type == "cpu":  # the same kernels as the target: faster than F.linear at a draft step's rows
+    if target.device.type == "cpu":  # the same kernels as the target: faster than torch's at a draft step's rows
         use_invariant_linears(head)
+        use_kernel_norms(head)
     cls = kind(head.cfg.kind).drafter
     _, full_depth, top_k = cls.settings(head, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from koala import cpu_kernels
 from koala.atomic import write_json_atomic
 from koala.drafters.trees import expected_accepted
 from koala.home import cache_dir
@@ -175,7 +176,8 @@ def _target_key(target: Target) -> list:
     cfg = target.config
     return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
             cfg.num_hidden_layers, str(target.dtype), getattr(cfg, "_attn_implementation", None),
-            target.identity["lm_head_sha256"], CONTEXT, FORWARD_VERSION]
+            target.identity["lm_head_sha256"], CONTEXT, FORWARD_VERSION,
+            cpu_kernels.version() if target.device.type == "cpu" else None]
 
 
 def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:

@@ -44,6 +44,8 @@ class DraftLMHead(torch.nn.Module):
         else:
             self.register_buffer("weight", weight, persistent=False)
 
+    frozen_linear = True  # F.linear(x, weight): drafting on CPU may give it koala's kernels (invariant_linear)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(features, self.weight)
 
