@@ -115,6 +115,15 @@ def test_bf16_targets_on_cpu_use_it_and_speculation_stays_lossless():
     assert sum(map(_mismatches, targets)) == 0
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason=f"no C kernels here: {cpu_kernels.why()}")
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_a_half_precision_cache_koala_did_not_make_gets_the_same_bits(half):
+    q, k, v = _qkv(3, 5, 60)  # HF generate's own cache holds K/V in the model's dtype, koala's in fp32
+    q, k, v = q.float(), k.to(half), v.to(half)  # fp32 rows out, so any difference in the sums shows
+    mask = torch.zeros(1, 1, 5, 60).masked_fill_(~torch.ones(5, 60, dtype=torch.bool).tril(55), -1e30)
+    assert torch.equal(_rows(q, k, v, mask, 0.25), _rows(q, k.float(), v.float(), mask, 0.25))
+
+
 def test_the_control_sdpa_verification_is_not_lossless_where_its_kernels_group_rows():
     targets = [_bf16(seed) for seed in (1, 4)]
     for target in targets:  # torch 2.13 on a Xeon (AVX-512/AMX): these models change their output with SDPA
@@ -152,6 +161,7 @@ def test_bf16_batches_give_each_row_its_single_sequence_tokens(monkeypatch):
 @pytest.mark.parametrize("masked", ["none", "bool", "additive"])
 def test_long_prefill_chunks_skip_unseen_keys_without_changing_the_result(monkeypatch, masked):
     q, k, v = _qkv(7, 40, 50)
+    k, v = k.double(), v.double()  # a float64 cache: the chunked float64 path (the fallback without C kernels)
     allowed = torch.ones(40, 50, dtype=torch.bool).tril(10)
     mask = {"none": None, "bool": allowed[None, None],
             "additive": torch.zeros(1, 1, 40, 50, dtype=torch.bfloat16).masked_fill_(

@@ -31,6 +31,7 @@ from koala.home import cache_dir
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+PANEL = 16  # weight columns per packed panel (PANEL in the C source)
 _why: list[str] = []
 
 
@@ -83,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.koala_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    lib.koala_linear.restype = None
+    lib.koala_linear.restype = ctypes.c_int
     lib.koala_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.koala_pack.restype = None
     lib.koala_panel_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
@@ -110,14 +111,13 @@ def why() -> str:
 
 def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
     """x (M, K) -> x W^T + b (M, N) in x's dtype (fp32, bf16 or fp16; others in fp32), row-invariant; None if
-    unavailable here.
-    The kernel reads a packed copy of the weight made now (as much memory again as the weight)."""
+    unavailable here. The kernel reads a copy of the weight packed now (as much memory again as the weight)."""
     lib = library()
     if lib is None or weight.device.type != "cpu" or weight.dtype not in KINDS or weight.dim() != 2:
         return None
     weight = weight.detach().contiguous()
     kind, (n, k) = KINDS[weight.dtype], weight.shape
-    panels = -(-n // 16)
+    panels = -(-n // PANEL)
     packed = torch.empty(panels * lib.koala_panel_bytes(kind, k), dtype=torch.uint8)
     lib.koala_pack(weight.data_ptr(), kind, packed.data_ptr(), n, k)
     bias = None if bias is None else bias.detach().float().contiguous()
@@ -126,8 +126,9 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = (x if x.dtype in KINDS else x.float()).contiguous()
         out = torch.empty(rows.shape[0], n, dtype=rows.dtype)
-        lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), kind, bias_ptr, out.data_ptr(),
-                         KINDS[out.dtype], rows.shape[0], n, k)
+        if lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), kind, bias_ptr, out.data_ptr(),
+                            KINDS[out.dtype], rows.shape[0], n, k):
+            raise MemoryError(f"koala_linear could not allocate {rows.shape[0]} x {k} floats")
         return out
 
     run.packed, run.bias = packed, bias  # keep the buffers the pointers point into alive

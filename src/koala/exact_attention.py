@@ -90,6 +90,9 @@ def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> di
     return fresh
 
 
+_WIDENS = (torch.float32, torch.bfloat16, torch.float16)  # caches the C kernel reads (half precision widened)
+
+
 def cache_dtype() -> torch.dtype:
     """What a CPU target's KV cache stores for this attention: fp32 for the C kernel (exact for bf16 and fp16
     values), else float64, converted once when written instead of on every forward."""
@@ -98,9 +101,11 @@ def cache_dtype() -> torch.dtype:
 
 def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
           scale: float) -> torch.Tensor:
-    """(B, q, H, D) in the query's dtype: by koala's C kernel on an fp32 cache, else in float64."""
-    if key.dtype != torch.float32 or key.device.type != "cpu" or cpu_kernels.library() is None:
+    """(B, q, H, D) in the query's dtype: by koala's C kernel on an fp32 cache, else in float64. A half-precision
+    cache (one koala did not make, e.g. HF generate's) is widened, exactly, so it gets the same bits as koala's."""
+    if key.device.type != "cpu" or cpu_kernels.library() is None or key.dtype not in _WIDENS:
         return _float64(query, key, value, attention_mask, scale)
+    key, value = key.float(), value.float()  # no copy for an fp32 cache
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
     return cpu_kernels.attention(query, key, value, attention_mask, scale).to(query.dtype)

@@ -126,13 +126,15 @@ TILES(BF16)
 TILES(F16)
 
 /* x (M, K) of xkind, packed weights of kind from koala_pack, bias (N) fp32 or NULL -> y (M, N) of ykind.
-   Half-precision x is widened (exactly) once into a scratch buffer. */
-void koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
-                  int64_t M, int64_t N, int64_t K) {
+   Half-precision x is widened (exactly) once into a scratch buffer. Returns 0, or -1 if that buffer could not be
+   allocated (y untouched). */
+int koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
+                 int64_t M, int64_t N, int64_t K) {
   const float *xf = (const float *)x;
   float *wide = 0;
   if (xkind != F32) {
-    wide = (float *)malloc((size_t)(M * K) * sizeof(float));
+    wide = (float *)malloc((size_t)(M * K + 1) * sizeof(float));
+    if (!wide) return -1;
     for (int64_t i = 0; i < M * K; i++) wide[i] = to_float(x, xkind, i);
     xf = wide;
   }
@@ -147,6 +149,7 @@ void koala_linear(const void *x, int xkind, const void *packed, int kind, const 
     else rows_F16(xf, panel, bias, y, ykind, M, p * PANEL, cols, N, K);
   }
   free(wide);
+  return 0;
 }
 
 /* RMSNorm as Llama-family models define it, per row: h = x / sqrt(mean(x^2) + eps) in fp32, rounded to x's kind,
