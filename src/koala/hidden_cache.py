@@ -449,8 +449,9 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
             shards.append(write_shard(work / f"shard{len(shards):04d}", [s[1:] for s in pending_s],
                                       pending_h, [{"key": s[0]} for s in pending_s], pending_a))
             for key, ids, mask, _ in pending_s:
-                written.sequences, written.tokens, written.loss_tokens = (
-                    written.sequences + 1, written.tokens + len(ids), written.loss_tokens + sum(mask))
+                written.sequences += 1
+                written.tokens += len(ids)
+                written.loss_tokens += sum(mask)
                 written.cut_sequences += key in cuts
                 written.cut_tokens += cuts.get(key, 0)
             write_json_atomic(work / MANIFEST, manifest())

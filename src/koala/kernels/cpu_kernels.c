@@ -1,4 +1,7 @@
-/* y = x W^T (+ b) on x86 CPUs with AVX2 and FMA, for fp32, bf16 or fp16 weights and fp32 activations.
+/* koala's CPU kernels (x86 with AVX2 and FMA): a linear, an RMSNorm and an attention whose rows do not depend on
+   the other rows of the call.
+
+   Linear: y = x W^T (+ b) for fp32, bf16 or fp16 weights and rows, accumulated in fp32.
 
    The weight is packed once (koala_pack) into panels of 16 columns stored k-major, so one 32- or 64-byte load
    gives a column block's weights at one k. A tile of R rows x 16 columns broadcasts x[r, k] and accumulates with
