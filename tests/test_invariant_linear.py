@@ -143,3 +143,14 @@ def test_a_failing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_kernels.library.cache_clear()
+
+
+def test_draft_lm_heads_opt_in_to_the_same_kernels():
+    from koala.heads.vocab import DraftLMHead
+
+    head = DraftLMHead(torch.randn(50, 24), draft_vocab=[3, 7, 11, 19, 40])
+    assert use_invariant_linears(torch.nn.Sequential(head)) == {(5, 24): 128}  # F.linear before the opt-in: {}
+    assert "forward" in vars(head)
+    x = torch.randn(9, 24)
+    torch.testing.assert_close(head(x), F.linear(x, head.weight), atol=1e-5, rtol=1e-5)
+    assert torch.equal(head(x[3:4]), head(x)[3:4])

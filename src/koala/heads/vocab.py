@@ -34,6 +34,8 @@ class DraftLMHead(torch.nn.Module):
     parameter (initialised from the target rows) and is saved with the head.
     """
 
+    frozen_linear = True  # F.linear(x, weight): drafting on CPU may give it koala's kernels (invariant_linear)
+
     def __init__(self, lm_head_weight: torch.Tensor, draft_vocab: list[int] | None, trainable: bool = False) -> None:
         super().__init__()
         ids = vocab_map(draft_vocab, lm_head_weight.device)
@@ -43,8 +45,6 @@ class DraftLMHead(torch.nn.Module):
             self.weight = torch.nn.Parameter(weight.clone())
         else:
             self.register_buffer("weight", weight, persistent=False)
-
-    frozen_linear = True  # F.linear(x, weight): drafting on CPU may give it koala's kernels (invariant_linear)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(features, self.weight)
