@@ -31,7 +31,6 @@ from koala.home import cache_dir
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-shared", "-fPIC")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-PANEL = 16  # weight columns per packed panel (PANEL in the C source)
 _why: list[str] = []
 
 
@@ -87,8 +86,8 @@ def library() -> ctypes.CDLL | None:
     lib.koala_linear.restype = ctypes.c_int
     lib.koala_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.koala_pack.restype = None
-    lib.koala_panel_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.koala_panel_bytes.restype = ctypes.c_int64
+    lib.koala_packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    lib.koala_packed_bytes.restype = ctypes.c_int64
     lib.koala_rmsnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
                                                           ctypes.c_int64, ctypes.c_int64]
     lib.koala_rmsnorm.restype = None
@@ -117,8 +116,7 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
         return None
     weight = weight.detach().contiguous()
     kind, (n, k) = KINDS[weight.dtype], weight.shape
-    panels = -(-n // PANEL)
-    packed = torch.empty(panels * lib.koala_panel_bytes(kind, k), dtype=torch.uint8)
+    packed = torch.empty(lib.koala_packed_bytes(kind, n, k), dtype=torch.uint8)
     lib.koala_pack(weight.data_ptr(), kind, packed.data_ptr(), n, k)
     bias = None if bias is None else bias.detach().float().contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
@@ -138,9 +136,10 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
 def _rmsnorm_kernel(norm: torch.nn.Module):
     """A forward for a Llama-style RMSNorm module (weight * (x / rms(x)), eps in `variance_epsilon` or `eps`) in
     the weight's dtype, or None where the module is not one (checked against its own forward on a probe)."""
+    lib = library()
     weight = getattr(norm, "weight", None)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if (library() is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype not in KINDS
+    if (lib is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype not in KINDS
             or weight.device.type != "cpu" or not isinstance(eps, float)):
         return None
     weight = weight.detach().contiguous()
@@ -151,7 +150,7 @@ def _rmsnorm_kernel(norm: torch.nn.Module):
             return own(x)
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty_like(rows)
-        library().koala_rmsnorm(rows.data_ptr(), weight.data_ptr(), kind, eps, out.data_ptr(), rows.shape[0], k)
+        lib.koala_rmsnorm(rows.data_ptr(), weight.data_ptr(), kind, eps, out.data_ptr(), rows.shape[0], k)
         return out.view(x.shape)
 
     own = type(norm).forward.__get__(norm)  # the class's own, even if this module was patched before

@@ -45,7 +45,10 @@ static inline void store(void *v, int kind, int64_t i, float f) {
 }
 
 /* Bytes per packed panel: PANEL columns x K, padded columns zero. */
-int64_t koala_panel_bytes(int kind, int64_t K) { return PANEL * K * (kind == F32 ? 4 : 2); }
+static int64_t panel_bytes(int kind, int64_t K) { return PANEL * K * (kind == F32 ? 4 : 2); }
+
+/* Bytes koala_pack writes for an (N, K) weight. */
+int64_t koala_packed_bytes(int kind, int64_t N, int64_t K) { return (N + PANEL - 1) / PANEL * panel_bytes(kind, K); }
 
 /* w (N, K) row-major -> ceil(N / PANEL) panels, each K steps of PANEL values. bf16 steps are stored interleaved
    (value 2j is column j, value 2j + 1 column 8 + j), so that a shift and a mask of one 32-byte load give columns
@@ -141,7 +144,7 @@ int koala_linear(const void *x, int xkind, const void *packed, int kind, const f
     for (int64_t i = 0; i < M * K; i++) wide[i] = to_float(x, xkind, i);
     xf = wide;
   }
-  int64_t panels = (N + PANEL - 1) / PANEL, bytes = koala_panel_bytes(kind, K);
+  int64_t panels = (N + PANEL - 1) / PANEL, bytes = panel_bytes(kind, K);
   /* small products are not worth waking a second thread for (threads never change a result) */
   #pragma omp parallel for schedule(static) if (M * N * K > (1 << 17))
   for (int64_t p = 0; p < panels; p++) {
