@@ -91,6 +91,13 @@ def library() -> ctypes.CDLL | None:
     lib.koala_rmsnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
                                                           ctypes.c_int64, ctypes.c_int64]
     lib.koala_rmsnorm.restype = None
+    pointers, sizes = [ctypes.c_void_p], [ctypes.c_int64]
+    lib.koala_attn_in.argtypes = (pointers + [ctypes.c_int] + pointers + [ctypes.c_float] + pointers * 8
+                                  + [ctypes.c_int] + pointers * 3 + sizes * 6)
+    lib.koala_attn_out.argtypes = (pointers + [ctypes.c_int] + pointers * 5 + [ctypes.c_float] + pointers * 6
+                                   + sizes * 4)
+    lib.koala_mlp_out.argtypes = pointers + [ctypes.c_int] + pointers * 3 + sizes * 3
+    lib.koala_attn_in.restype = lib.koala_attn_out.restype = lib.koala_mlp_out.restype = ctypes.c_int
     lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
     lib.koala_attention.restype = None
     return lib
@@ -129,7 +136,7 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
             raise MemoryError(f"koala_linear could not allocate {rows.shape[0]} x {k} floats")
         return out
 
-    run.packed, run.bias = packed, bias  # keep the buffers the pointers point into alive
+    run.packed, run.bias, run.kind = packed, bias, kind  # keep the buffers alive; koala.fused_layer reads them
     return run
 
 
@@ -153,6 +160,7 @@ def _rmsnorm_kernel(norm: torch.nn.Module):
         lib.koala_rmsnorm(rows.data_ptr(), weight.data_ptr(), kind, eps, out.data_ptr(), rows.shape[0], k)
         return out.view(x.shape)
 
+    forward.weight, forward.eps = weight, eps  # for koala.fused_layer
     own = type(norm).forward.__get__(norm)  # the class's own, even if this module was patched before
     probe = torch.randn(4, k, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     tol = 1e-5 if weight.dtype == torch.float32 else 2e-2

@@ -77,6 +77,7 @@ def _forward(kernel: Kernel, block: int) -> Callable[[torch.Tensor], torch.Tenso
         else:
             out = torch.cat([kernel(rows[i:i + block]) for i in range(0, len(rows), block)])
         return out.view(*x.shape[:-1], out.shape[-1])
+    forward.kernel = kernel  # koala.fused_layer calls koala's C kernels directly
     return forward  # a closure, not a bound method: deep-copying the module copies no packed (opaque) weight
 
 

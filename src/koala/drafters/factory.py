@@ -14,6 +14,7 @@ from koala.drafters.pld import PromptLookupDrafter
 from koala.drafters.trees import Path as TreePath
 from koala.heads.checkpoint import load_head
 from koala.heads.config import WEIGHTS
+from koala.fused_layer import use_fused_layers
 from koala.invariant_linear import use_invariant_linears
 from koala.kinds import kind
 
@@ -74,6 +75,7 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
     if target.device.type == "cpu":  # the same kernels as the target: faster than torch's at a draft step's rows
         use_invariant_linears(head)
         use_kernel_norms(head)
+        use_fused_layers(head)
     cls = kind(head.cfg.kind).drafter
     _, full_depth, top_k = cls.settings(head, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)

@@ -181,6 +181,90 @@ void koala_rmsnorm(const void *x, const void *w, int kind, float eps, void *y, i
   }
 }
 
+/* A Llama-family decoder layer in three calls (koala.fused_layer), around the KV cache update, the attention and
+   the SiLU, which stay in Python. Every intermediate is rounded to the model's kind where transformers' separate
+   tensor ops round it (projections, RoPE's products and sum, residual sums), so a layer gives the bits of its own
+   forward on these kernels while Python makes ~10 calls instead of ~270. */
+
+static inline float rounded(int kind, float f) {
+  if (kind == F32) return f;
+  uint16_t h;
+  store(&h, kind, 0, f);
+  return to_float(&h, kind, 0);
+}
+
+/* One head of RoPE as transformers applies it: out = x * cos + rot(x) * sin, rot(x) = (-x[D/2:], x[:D/2]). */
+static void rope(const void *x, int64_t xi, const void *cos, const void *sin, int64_t ci, void *out, int64_t oi,
+                 int kind, int64_t D) {
+  int64_t half = D / 2;
+  for (int64_t d = 0; d < D; d++) {
+    float rot = d < half ? -to_float(x, kind, xi + d + half) : to_float(x, kind, xi + d - half);
+    float a = rounded(kind, to_float(x, kind, xi + d) * to_float(cos, kind, ci + d));
+    float b = rounded(kind, rot * to_float(sin, kind, ci + d));
+    store(out, kind, oi + d, a + b);
+  }
+}
+
+/* x (B * n, hidden) -> the attention's inputs q (B * n, H * D), k and v (B * n, KVH * D) (transformers' layout
+   before it views them as heads): RMSNorm (w1, eps), the three projections (packed weights; fp32 biases or NULL),
+   RoPE on q and k with cos/sin (B, n, D), or (1, n, D) when cos_rows is 0. All of kind. Returns 0, or -1 when
+   scratch memory could not be allocated. */
+int koala_attn_in(const void *x, int kind, const void *w1, float eps, const void *wq, const float *bq,
+                  const void *wk, const float *bk, const void *wv, const float *bv, const void *cos, const void *sin,
+                  int cos_rows, void *q, void *k, void *v, int64_t B, int64_t n, int64_t hidden, int64_t H,
+                  int64_t KVH, int64_t D) {
+  int64_t M = B * n, size = kind == F32 ? 4 : 2;
+  char *h = malloc((size_t)(M * hidden * size)), *ql = malloc((size_t)(M * (H + KVH) * D * size));
+  int bad = !h || !ql;
+  char *kl = ql + M * H * D * size;
+  if (!bad) {
+    koala_rmsnorm(x, w1, kind, eps, h, M, hidden);
+    bad = koala_linear(h, kind, wq, kind, bq, ql, kind, M, H * D, hidden) ||
+          koala_linear(h, kind, wk, kind, bk, kl, kind, M, KVH * D, hidden) ||
+          koala_linear(h, kind, wv, kind, bv, v, kind, M, KVH * D, hidden);
+  }
+  if (!bad)
+    for (int64_t m = 0; m < M; m++) {
+      int64_t ci = ((cos_rows ? m / n : 0) * n + m % n) * D;
+      for (int64_t i = 0; i < H; i++) rope(ql, (m * H + i) * D, cos, sin, ci, q, (m * H + i) * D, kind, D);
+      for (int64_t g = 0; g < KVH; g++) rope(kl, (m * KVH + g) * D, cos, sin, ci, k, (m * KVH + g) * D, kind, D);
+    }
+  free(h);
+  free(ql);
+  return bad ? -1 : 0;
+}
+
+/* After the attention: r = x + o_proj(a), then h = RMSNorm(r) (w2, eps), g = gate(h), u = up(h). a (M, HD), x and
+   r (M, hidden), g and u (M, inter), all of kind. Returns 0, or -1 as koala_attn_in. */
+int koala_attn_out(const void *a, int kind, const void *wo, const float *bo, const void *x, void *r, const void *w2,
+                   float eps, const void *wg, const float *bg, const void *wu, const float *bu, void *g, void *u,
+                   int64_t M, int64_t HD, int64_t hidden, int64_t inter) {
+  int64_t size = kind == F32 ? 4 : 2;
+  char *o = malloc((size_t)(M * hidden * size)), *h = malloc((size_t)(M * hidden * size));
+  int bad = !o || !h || koala_linear(a, kind, wo, kind, bo, o, kind, M, hidden, HD);
+  if (!bad) {
+    for (int64_t i = 0; i < M * hidden; i++) store(r, kind, i, to_float(x, kind, i) + to_float(o, kind, i));
+    koala_rmsnorm(r, w2, kind, eps, h, M, hidden);
+    bad = koala_linear(h, kind, wg, kind, bg, g, kind, M, inter, hidden) ||
+          koala_linear(h, kind, wu, kind, bu, u, kind, M, inter, hidden);
+  }
+  free(o);
+  free(h);
+  return bad ? -1 : 0;
+}
+
+/* r += down(m), the sum rounded to the kind: the MLP's last projection and the layer's second residual. */
+int koala_mlp_out(const void *m, int kind, const void *wd, const float *bd, void *r, int64_t M, int64_t inter,
+                  int64_t hidden) {
+  int64_t size = kind == F32 ? 4 : 2;
+  char *d = malloc((size_t)(M * hidden * size));
+  int bad = !d || koala_linear(m, kind, wd, kind, bd, d, kind, M, hidden, inter);
+  if (!bad)
+    for (int64_t i = 0; i < M * hidden; i++) store(r, kind, i, to_float(r, kind, i) + to_float(d, kind, i));
+  free(d);
+  return bad ? -1 : 0;
+}
+
 /* exp for x <= 0 (softmax after subtracting the max), per lane: a deterministic polynomial (Cephes' expf
    coefficients), 0 below -87 so that masked keys add exact zeros. */
 static inline __m256 exp_neg(__m256 x) {
