@@ -73,3 +73,17 @@ def test_a_layer_of_another_shape_keeps_its_own_forward():
     assert use_fused_layers(target.model) == 0
     out = target.hidden(torch.tensor([[3, 4, 5]]), torch.arange(3)[None], ReservedCache())
     assert out.shape == (1, 3, 64)
+
+
+def test_a_copy_in_another_dtype_computes_with_its_own_weights(monkeypatch):
+    """A copy whose layers are not fused (here: the probe says no) must not keep the original's fused forwards,
+    which read the original's weights."""
+    target = tiny_target("llama")
+    assert all(_fused(layer) for layer in target.body.layers)
+    monkeypatch.setattr("koala.fused_layer._same_bits", lambda layer, forward: False)
+    copy = target.with_dtype("bf16")
+    fresh = Target(tiny_target("llama").model.to(torch.bfloat16), target.tokenizer, "fresh")
+    assert not any(_fused(layer) for layer in copy.body.layers)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.equal(copy.hidden(ids, torch.arange(4)[None], copy.new_cache()),
+                       fresh.hidden(ids, torch.arange(4)[None], fresh.new_cache()))

@@ -183,7 +183,10 @@ class Target:
         if self.dtype != torch.float32:
             raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
                              f"--dtype float32 and name the other dtypes per method.")
-        return Target(copy.deepcopy(self.model).to(dtype), self.tokenizer, self.name, self.exact_attention)
+        model = copy.deepcopy(self.model)
+        for module in model.modules():  # a copied kernel forward would still read this model's weights
+            vars(module).pop("forward", None)
+        return Target(model.to(dtype), self.tokenizer, self.name, self.exact_attention)
 
     def new_cache(self) -> ReservedCache:
         """A KV cache for this target, in the dtype exact attention reads where it is used (see cache_dtype)."""
