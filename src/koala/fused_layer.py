@@ -88,6 +88,9 @@ def fused_forward(layer: torch.nn.Module) -> Callable | None:
         _check(lib.koala_mlp_out(m.data_ptr(), kind, wd, bd, r.data_ptr(), b * n, inter, hidden))
         return r
 
+    # the C calls get raw pointers: hold what they point into (packed weights, biases, norm weights)
+    forward.buffers = [layer.get_submodule(name).forward.kernel for name in _PARTS] + [
+        layer.input_layernorm.forward, layer.post_attention_layernorm.forward]
     return forward
 
 
