@@ -163,15 +163,11 @@ class Target:
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         if self.device.type == "cpu":
-            from koala.cpu_kernels import use_kernel_norms
             from koala.exact_attention import use_exact_attention
-            from koala.fused_layer import use_fused_layers
-            from koala.invariant_linear import use_invariant_linears
+            from koala.fused_layer import use_cpu_kernels
 
             use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
-            use_invariant_linears(self.model)  # rows independent of the row count, and faster (see the module)
-            use_kernel_norms(self.model)
-            use_fused_layers(self.model)  # the same bits with a tenth of the Python calls
+            use_cpu_kernels(self.model)
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""

@@ -5,17 +5,15 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from koala.cpu_kernels import use_kernel_norms
 from koala.drafters.base import Drafter
 from koala.drafters.gate import GatedDrafter
 from koala.drafters.hybrid import FirstOf
 from koala.drafters.plan import Plan, candidate_plans, choose_plan
 from koala.drafters.pld import PromptLookupDrafter
 from koala.drafters.trees import Path as TreePath
+from koala.fused_layer import use_cpu_kernels
 from koala.heads.checkpoint import load_head
 from koala.heads.config import WEIGHTS
-from koala.fused_layer import use_fused_layers
-from koala.invariant_linear import use_invariant_linears
 from koala.kinds import kind
 
 
@@ -73,9 +71,7 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
         raise ValueError(f"--lookup must be >= 0 (0 = off), got {lookup}.")
     head = load_head(path, target)
     if target.device.type == "cpu":  # the same kernels as the target: faster than torch's at a draft step's rows
-        use_invariant_linears(head)
-        use_kernel_norms(head)
-        use_fused_layers(head)
+        use_cpu_kernels(head)
     cls = kind(head.cfg.kind).drafter
     _, full_depth, top_k = cls.settings(head, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)

@@ -44,8 +44,10 @@ static inline void store(void *v, int kind, int64_t i, float f) {
   }
 }
 
+static inline int64_t elem_bytes(int kind) { return kind == F32 ? 4 : 2; }
+
 /* Bytes per packed panel: PANEL columns x K, padded columns zero. */
-static int64_t panel_bytes(int kind, int64_t K) { return PANEL * K * (kind == F32 ? 4 : 2); }
+static int64_t panel_bytes(int kind, int64_t K) { return PANEL * K * elem_bytes(kind); }
 
 /* Bytes koala_pack writes for an (N, K) weight. */
 int64_t koala_packed_bytes(int kind, int64_t N, int64_t K) { return (N + PANEL - 1) / PANEL * panel_bytes(kind, K); }
@@ -193,6 +195,11 @@ static inline float rounded(int kind, float f) {
   return to_float(&h, kind, 0);
 }
 
+/* out = x + y over count elements, each sum rounded to the kind (a residual connection); out may be x. */
+static void residual(const void *x, const void *y, void *out, int kind, int64_t count) {
+  for (int64_t i = 0; i < count; i++) store(out, kind, i, to_float(x, kind, i) + to_float(y, kind, i));
+}
+
 /* One head of RoPE as transformers applies it: out = x * cos + rot(x) * sin, rot(x) = (-x[D/2:], x[:D/2]). */
 static void rope(const void *x, int64_t xi, const void *cos, const void *sin, int64_t ci, void *out, int64_t oi,
                  int kind, int64_t D) {
@@ -213,7 +220,7 @@ int koala_attn_in(const void *x, int kind, const void *w1, float eps, const void
                   const void *wk, const float *bk, const void *wv, const float *bv, const void *cos, const void *sin,
                   int cos_rows, void *q, void *k, void *v, int64_t B, int64_t n, int64_t hidden, int64_t H,
                   int64_t KVH, int64_t D) {
-  int64_t M = B * n, size = kind == F32 ? 4 : 2;
+  int64_t M = B * n, size = elem_bytes(kind);
   char *h = malloc((size_t)(M * hidden * size)), *ql = malloc((size_t)(M * (H + KVH) * D * size));
   int bad = !h || !ql;
   char *kl = ql + M * H * D * size;
@@ -239,11 +246,11 @@ int koala_attn_in(const void *x, int kind, const void *w1, float eps, const void
 int koala_attn_out(const void *a, int kind, const void *wo, const float *bo, const void *x, void *r, const void *w2,
                    float eps, const void *wg, const float *bg, const void *wu, const float *bu, void *g, void *u,
                    int64_t M, int64_t HD, int64_t hidden, int64_t inter) {
-  int64_t size = kind == F32 ? 4 : 2;
+  int64_t size = elem_bytes(kind);
   char *o = malloc((size_t)(M * hidden * size)), *h = malloc((size_t)(M * hidden * size));
   int bad = !o || !h || koala_linear(a, kind, wo, kind, bo, o, kind, M, hidden, HD);
   if (!bad) {
-    for (int64_t i = 0; i < M * hidden; i++) store(r, kind, i, to_float(x, kind, i) + to_float(o, kind, i));
+    residual(x, o, r, kind, M * hidden);
     koala_rmsnorm(r, w2, kind, eps, h, M, hidden);
     bad = koala_linear(h, kind, wg, kind, bg, g, kind, M, inter, hidden) ||
           koala_linear(h, kind, wu, kind, bu, u, kind, M, inter, hidden);
@@ -256,11 +263,9 @@ int koala_attn_out(const void *a, int kind, const void *wo, const float *bo, con
 /* r += down(m), the sum rounded to the kind: the MLP's last projection and the layer's second residual. */
 int koala_mlp_out(const void *m, int kind, const void *wd, const float *bd, void *r, int64_t M, int64_t inter,
                   int64_t hidden) {
-  int64_t size = kind == F32 ? 4 : 2;
-  char *d = malloc((size_t)(M * hidden * size));
+  char *d = malloc((size_t)(M * hidden * elem_bytes(kind)));
   int bad = !d || koala_linear(m, kind, wd, kind, bd, d, kind, M, hidden, inter);
-  if (!bad)
-    for (int64_t i = 0; i < M * hidden; i++) store(r, kind, i, to_float(r, kind, i) + to_float(d, kind, i));
+  if (!bad) residual(r, d, r, kind, M * hidden);
   free(d);
   return bad ? -1 : 0;
 }
