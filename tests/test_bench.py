@@ -66,14 +66,15 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     head = save_head(random_head(tiny_target("llama"), "eagle", 1), tmp_path / "eagle-head")  # same weights as saved
     rc = main(["bench", "--questions", str(qfile), "--target", str(saved_tiny_dir), "--max-new-tokens", "12",
-               "--threads", "1", "--method", "hf-generate", "--method", "pld2=pld:max_ngram=2,num_tokens=4",
+               "--threads", "1", "--method", "hf-generate", "--method", "hf-stock",
+               "--method", "pld2=pld:max_ngram=2,num_tokens=4",
                "--method", "hf-prompt-lookup:num_tokens=4",
                "--method", f"ek={head}:tree=dynamic,depth=3,top_k=2,total_tokens=6", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res) == {"device", "target", "settings", "methods"}
     assert res["settings"]["malformed_lines"] == 1 and res["settings"]["questions"] == 3
-    assert list(res["methods"]) == ["vanilla", "hf-generate", "pld2", "hf-prompt-lookup", "ek"]
+    assert list(res["methods"]) == ["vanilla", "hf-generate", "hf-stock", "pld2", "hf-prompt-lookup", "ek"]
     for name, m in res["methods"].items():
         assert {"tokens_per_s", "speedup", "tau", "exact_match", "by_category"} <= set(m)
         assert set(m["by_category"]) == {"copy", "misc"}
@@ -81,7 +82,8 @@ def test_bench_end_to_end(saved_tiny_dir, tmp_path, capsys):
         assert m["tokens_per_s"] > 0
     assert res["methods"]["vanilla"]["speedup"] == pytest.approx(1.0)
     assert res["methods"]["vanilla"]["tau"] == pytest.approx(1.0)
-    assert res["methods"]["hf-generate"]["tau"] == pytest.approx(1.0)  # one forward per token, counted by hook
+    for name in ("hf-generate", "hf-stock"):
+        assert res["methods"][name]["tau"] == pytest.approx(1.0)  # one forward per token, counted by hook
     assert res["settings"]["method_specs"]["ek"] == {"kind": "head", "path": str(head), "dtype": None, "tree": "dynamic",
                                                      "depth": 3, "top_k": 2, "total_tokens": "6",
                                                      "plan": "a dynamic tree of 6 nodes, depth 3"}

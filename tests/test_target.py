@@ -85,3 +85,17 @@ def test_auto_dtype_without_amx_follows_the_bf16_kernel(backend, want, monkeypat
     monkeypatch.setattr(invariant_linear, "bf16_backend", lambda: backend)
     assert resolve_dtype("auto", "cpu") == want and resolve_dtype("auto", "cpu", drafting=True) == want
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("fp32", "cpu") == torch.float32
+
+
+def test_stock_model_is_plain_transformers_and_leaves_the_target_alone(saved_tiny_dir):
+    """`hf-stock`'s model: no koala forward on any module, SDPA attention, same logits; the target keeps its kernels."""
+    target = load_target(str(saved_tiny_dir), dtype="float32")
+    patched = {name for name, m in target.model.named_modules() if "forward" in vars(m)}
+    assert patched  # koala's kernels are on the target (else this test checks nothing)
+    stock = target.stock_model()
+    assert not [name for name, m in stock.named_modules() if "forward" in vars(m)]
+    assert stock.config._attn_implementation == "sdpa"
+    assert {name for name, m in target.model.named_modules() if "forward" in vars(m)} == patched
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, target.model(ids).logits, atol=1e-4, rtol=1e-4)

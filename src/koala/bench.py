@@ -28,7 +28,7 @@ from koala.kinds.base import dtype_name
 from koala.target import Target, device_name, resolve_dtype, sync
 
 BASELINE = "vanilla"
-BUILTIN = ("vanilla", "hf-generate", "hf-prompt-lookup", "pld")
+BUILTIN = ("vanilla", "hf-generate", "hf-stock", "hf-prompt-lookup", "pld")
 def _on_off(text: str) -> bool:
     if text not in ("on", "off"):
         raise ValueError(text)
@@ -80,7 +80,7 @@ def _parse_options(text: str, allowed: dict[str, type], what: str) -> dict:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-prompt-lookup, pld) or a head
+    """'NAME=SPEC' or just 'SPEC'; SPEC is a builtin (vanilla, hf-generate, hf-stock, hf-prompt-lookup, pld) or a head
     directory, optionally followed by ':key=value,...' (heads: tree, depth, top_k, total_tokens, gate=on|off,
     lookup=N: prompt lookup of n-grams of at least N tokens first, the head where it finds none, 0 = head alone;
     pld: max_ngram, num_tokens, min_ngram; hf-prompt-lookup: num_tokens, max_ngram; every method: dtype=D, run
@@ -115,9 +115,9 @@ def _koala_runner(target: Target, drafter: Drafter) -> Runner:
     return run
 
 
-def _hf_runner(target: Target, extra: dict) -> Runner:
-    """transformers' own generate; target forwards are counted with a forward hook on the model."""
-    model = target.model
+def _hf_runner(target: Target, extra: dict, model: torch.nn.Module | None = None) -> Runner:
+    """transformers' own generate on the target's model (or `model`); forwards are counted with a forward hook."""
+    model = target.model if model is None else model
     forwards = [0]
 
     def count(*_):
@@ -158,6 +158,8 @@ def build_runner(spec: MethodSpec, target: Target) -> Runner:
         return _koala_runner(target, PromptLookupDrafter(**o))
     if spec.kind == "hf-generate":
         return _hf_runner(target, {})
+    if spec.kind == "hf-stock":  # generate on a copy without koala's kernels: what plain transformers gives
+        return _hf_runner(target, {}, target.stock_model())
     if spec.kind == "hf-prompt-lookup":
         return _hf_runner(target, {"prompt_lookup_num_tokens": o.get("num_tokens", 10),
                                    **({"max_matching_ngram_size": o["max_ngram"]} if "max_ngram" in o else {})})
@@ -448,8 +450,8 @@ def add_command(sub) -> None:
     p.add_argument("--questions", required=True, help="MT-bench-form JSONL file (question_id, category, turns)")
     p.add_argument("--limit-per-category", type=positive_int, default=None, help="first N questions of each category")
     p.add_argument("--method", action="append", default=[], metavar="NAME=SPEC",
-                   help="repeatable; SPEC = vanilla | hf-generate | hf-prompt-lookup | pld | HEAD_DIR, optionally "
-                        "':key=value,...' (heads: tree,depth,top_k,total_tokens). vanilla always runs.")
+                   help="repeatable; SPEC = vanilla | hf-generate | hf-stock | hf-prompt-lookup | pld | HEAD_DIR, "
+                        "optionally ':key=value,...' (heads: tree,depth,top_k,total_tokens). vanilla always runs.")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (exact-match is reported)")
     p.add_argument("--top-p", type=probability, default=1.0)

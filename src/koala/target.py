@@ -171,18 +171,30 @@ class Target:
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""
-        import copy
-
         dtype = resolve_dtype(dtype, self.device.type)
         if dtype == self.dtype:
             return self
         if self.dtype != torch.float32:
             raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
                              f"--dtype float32 and name the other dtypes per method.")
+        return Target(self._plain_copy().to(dtype), self.tokenizer, self.name, self.exact_attention)
+
+    def stock_model(self) -> torch.nn.Module:
+        """A copy of the model as transformers runs it (its own layer forwards, SDPA attention, none of koala's
+        CPU kernels): the baseline a user compares against (`koala bench --method hf-stock`)."""
+        model = self._plain_copy()
+        model.set_attn_implementation("sdpa")
+        return model
+
+    def _plain_copy(self) -> torch.nn.Module:
+        """A deep copy with koala's per-module forwards removed (a copied kernel forward would still read this
+        model's weights)."""
+        import copy
+
         model = copy.deepcopy(self.model)
-        for module in model.modules():  # a copied kernel forward would still read this model's weights
+        for module in model.modules():
             vars(module).pop("forward", None)
-        return Target(model.to(dtype), self.tokenizer, self.name, self.exact_attention)
+        return model
 
     def new_cache(self) -> ReservedCache:
         """A KV cache for this target, in the dtype exact attention reads where it is used (see cache_dtype)."""
