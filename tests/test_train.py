@@ -231,8 +231,11 @@ def test_init_starts_from_a_saved_head_and_keeps_its_vocabulary(llama_target, tm
     first = train(llama_target, cache, tmp_path / "a", small_cfg(max_steps=3, draft_vocab=30), progress=False)
     before = load_head(first["head_dir"], llama_target)
     cfg = small_cfg(max_steps=1, draft_vocab=50, lr=1e-30, warmup=0, init=first["head_dir"])
-    after = load_head(train(llama_target, cache, tmp_path / "b", cfg, progress=False)["head_dir"], llama_target)
+    second = train(llama_target, cache, tmp_path / "b", cfg, progress=False)
+    after = load_head(second["head_dir"], llama_target)
     assert after.cfg.draft_vocab == before.cfg.draft_vocab
+    assert first["init_eval"] is None  # a warm start is scored before its first step; lr ~0 leaves it unchanged
+    assert second["init_eval"]["step"] == 0 and second["init_eval"]["acc@1"] == second["final_eval"]["acc@1"]
     for (name, a), b in zip(after.state_dict().items(), before.state_dict().values()):
         assert torch.allclose(a, b), name
     with pytest.raises(ValueError, match="K=2"):

@@ -301,6 +301,8 @@ def _manifest(run: Run, head_dir: Path, command: str, ended_early: bool, last_ev
         "steps": state["step"], "ended_early": ended_early, "tokens_seen": state["tokens"],
         "train_seconds": round(state["seconds"], 1), "skipped_steps": state["skipped"],
         "empty_batches": state["empty"], "lambda_scale": state["lam_scale"], "final_eval": last_eval,
+        "init_eval": next((r for r in map(json.loads, run.metrics.read_text().splitlines())
+                           if r.get("split") == "eval" and r["step"] == 0), None) if run.metrics.exists() else None,
         "draft_vocab_size": len(run.draft_vocab) if run.draft_vocab else None, "processes": run.world,
     }
 
@@ -332,6 +334,9 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
                mininterval=2, unit="step")
     t0, seconds0, tokens_window, t_window = time.perf_counter(), state["seconds"], 0, time.perf_counter()
     ended_early, last_eval, eval_step = False, {}, -1
+    if cfg.init and state["step"] == 0 and run.eval_batches and main:  # the warm start's own score, to beat
+        run.log({"step": 0, "split": "eval", **evaluate(run.head, run.eval_source, run.eval_batches, run.vocab, cfg,
+                                                         device)})
     while state["step"] < cfg.max_steps:
         step = state["step"]
         if stop_at is not None and step >= stop_at:
