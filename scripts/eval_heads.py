@@ -2,14 +2,19 @@
 (e.g. the target's answers to Spec-Bench prompts), so old and new heads compare on one footing:
 
     .venv/bin/python scripts/eval_heads.py heads/smollm2-135m/* --data runs/distill/specbench
+
+With --categories QUESTIONS (the question file the cached answers reply to, e.g. Spec-Bench's), every cached
+answer is scored and acc@1 is also reported per question category.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
+from koala.data import read_conversations
 from koala.heads.checkpoint import load_head
 from koala.hidden_cache import HiddenCache
 from koala.losses import DraftVocab
@@ -17,6 +22,22 @@ from koala.target import load_target
 from koala.train import TrainConfig
 from koala.train.data import coverage, greedy_counts, split_indices, windows
 from koala.train.loop import evaluate
+
+
+def by_category(source: HiddenCache, questions: str) -> dict[str, list[int]]:
+    """Cache sequences grouped by the category of the question they answer: cache record key -> position in the
+    distilled file the cache was built from -> its question id -> the question file's category."""
+    rows = [json.loads(line) for line in open(questions) if line.strip()]
+    category = {str(r["question_id"]): r.get("category", "?") for r in rows}
+    groups: dict[str, list[int]] = {}
+    i = 0
+    for path, manifest in zip(source.paths, source.manifests):
+        qid = {c.index: c.id for c in read_conversations(manifest["source"])}
+        for shard in manifest["shards"]:
+            for rec in json.loads((Path(path) / shard["name"] / "records.json").read_text()):
+                groups.setdefault(category.get(qid.get(int(rec["key"])), "?"), []).append(i)
+                i += 1
+    return dict(sorted(groups.items()))
 
 
 def main() -> None:
@@ -27,24 +48,31 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--eval-sequences", type=int, default=96,
                    help="the same fixed held-out subset `koala train --eval-data` scores (0 = all)")
+    p.add_argument("--categories", metavar="QUESTIONS", help="question file: score all answers, and per category")
     args = p.parse_args()
     target = load_target()
     source = HiddenCache(args.data)
     idx = list(range(len(source)))
-    if 0 < args.eval_sequences < len(source):
+    groups = by_category(source, args.categories) if args.categories else {}
+    if 0 < args.eval_sequences < len(source) and not groups:
         idx = split_indices(len(source), args.eval_sequences)[1]
     counts = greedy_counts(source, idx, int(target.config.vocab_size))
     for path in args.heads:
         head = load_head(path, target).float()
         kind = head.cfg.kind
         cfg = TrainConfig(head=kind, layers=head.cfg.layers, num_heads=head.cfg.num_heads, unroll=args.depth - 1)
-        items = windows(source, idx, args.max_seq_len, cfg.depth + 1)
-        batches = [items[i:i + 8] for i in range(0, len(items), 8)]
-        with torch.no_grad():
-            res = evaluate(head, source, batches, DraftVocab.build(target, head.cfg.draft_vocab, "cpu"), cfg, "cpu")
+        vocab = DraftVocab.build(target, head.cfg.draft_vocab, "cpu")
+
+        def score(seqs: list[int]) -> dict:
+            items = windows(source, seqs, args.max_seq_len, cfg.depth + 1)
+            with torch.no_grad():
+                res = evaluate(head, source, [items[i:i + 8] for i in range(0, len(items), 8)], vocab, cfg, "cpu")
+            return {k: round(v, 4) for k, v in res.items() if k.startswith("acc@")}
+
         print(json.dumps({"head": path, "kind": kind, "layers": head.cfg.layers,
-                          "draft_vocab_coverage": round(coverage(counts, head.cfg.draft_vocab), 4),
-                          **{k: round(v, 4) for k, v in res.items() if k.startswith("acc@")}}), flush=True)
+                          "draft_vocab_coverage": round(coverage(counts, head.cfg.draft_vocab), 4), **score(idx),
+                          **({"acc@1_by_category": {c: score(s)["acc@1"] for c, s in groups.items()}}
+                             if groups else {})}), flush=True)
 
 
 if __name__ == "__main__":
