@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from koala.data import read_conversations
 from koala.heads.checkpoint import load_head
-from koala.hidden_cache import HiddenCache
+from koala.hidden_cache import HiddenCache, shard_records
 from koala.losses import DraftVocab
 from koala.target import load_target
 from koala.train import TrainConfig
@@ -33,10 +32,9 @@ def by_category(source: HiddenCache, questions: str) -> dict[str, list[int]]:
     i = 0
     for path, manifest in zip(source.paths, source.manifests):
         qid = {c.index: c.id for c in read_conversations(manifest["source"])}
-        for shard in manifest["shards"]:
-            for rec in json.loads((Path(path) / shard["name"] / "records.json").read_text()):
-                groups.setdefault(category.get(qid.get(int(rec["key"])), "?"), []).append(i)
-                i += 1
+        for rec in shard_records(path, manifest["shards"]):
+            groups.setdefault(category.get(qid.get(int(rec["key"])), "?"), []).append(i)
+            i += 1
     return dict(sorted(groups.items()))
 
 

@@ -28,8 +28,8 @@ from koala.args import add_target_args, non_negative_float, non_negative_int, po
 from koala.atomic import write_json_atomic, write_text_atomic
 from koala.build import target_from_args
 from koala.data import Conversation, ReadStats, read_conversations, read_distilled, write_sharegpt
-from koala.hidden_cache import (FORMAT, MANIFEST, greedy_from_ids, parse_aux_layers, tokenize_conversation,
-                                write_shard)
+from koala.hidden_cache import (FORMAT, MANIFEST, greedy_from_ids, parse_aux_layers, shard_records,
+                                tokenize_conversation, write_shard)
 from koala.slots import SlotModel
 
 TEXT = "conversations.jsonl"
@@ -224,7 +224,7 @@ def _resume(out: Path) -> tuple[dict | None, set[int]]:
     if not file.is_file():
         return None, set()
     manifest = json.loads(file.read_text())
-    records = [r for sh in manifest["shards"] for r in json.loads((out / sh["name"] / "records.json").read_text())]
+    records = shard_records(out, manifest["shards"])
     write_text_atomic(out / TEXT, "".join(json.dumps(r) + "\n" for r in records))
     return manifest, {int(r["key"]) for r in records}
 

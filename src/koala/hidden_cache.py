@@ -354,9 +354,10 @@ def write_shard(dirpath: Path, seqs: list[tuple[list[int], list[bool], np.ndarra
     return {"name": dirpath.name, "sequences": len(seqs), "tokens": int(sum(lengths)), "bytes": size}
 
 
-def shard_keys(cache_dir: Path, shards: list[dict]) -> set[int]:
-    """Keys (source positions) of the sequences the listed shards hold."""
-    return {int(r["key"]) for sh in shards for r in json.loads((cache_dir / sh["name"] / "records.json").read_text())}
+def shard_records(cache_dir: Path, shards: list[dict]) -> list[dict]:
+    """The per-sequence records of the listed shards, in cache order (each has at least its "key", the sequence's
+    position in the source file)."""
+    return [r for sh in shards for r in json.loads((Path(cache_dir) / sh["name"] / "records.json").read_text())]
 
 
 def build_cache(target, data: str | Path, out: str | Path, max_length: int = 1024, batch_tokens: int = 8192,
@@ -394,7 +395,7 @@ def build_cache(target, data: str | Path, out: str | Path, max_length: int = 102
             print(f"Resuming the unfinished cache in {work}: {old['sequences']} sequences done.", file=sys.stderr)
     start = time.perf_counter()
     stats = TokenStats()
-    done = shard_keys(work, old["shards"]) if old else set()
+    done = {int(r["key"]) for r in shard_records(work, old["shards"])} if old else set()
     cuts: dict[int, int] = {}
     seqs = tokenize_records(target, data, max_length, stats, max_sequences, skip_keys=done, cuts=cuts)
     if not seqs:

@@ -213,7 +213,7 @@ def _setup(target, source, out: Path, cfg: TrainConfig, saved: dict | None, devi
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.adv.d_lr, betas=(0.5, 0.999))
     torch.manual_seed(cfg.seed + rank)  # then per-process noise and context sampling
     state = {"step": 0, "lam_scale": 1.0, "blowups": 0, "skipped": 0, "empty": 0, "seconds": 0.0, "tokens": 0,
-             "planned": False}
+             "planned": False, "init_eval": None}
     if saved:
         state.update({k: saved[k] for k in state if k in saved})
         load_checkpoint(out, head, disc, opt_h, opt_d)
@@ -301,8 +301,7 @@ def _manifest(run: Run, head_dir: Path, command: str, ended_early: bool, last_ev
         "steps": state["step"], "ended_early": ended_early, "tokens_seen": state["tokens"],
         "train_seconds": round(state["seconds"], 1), "skipped_steps": state["skipped"],
         "empty_batches": state["empty"], "lambda_scale": state["lam_scale"], "final_eval": last_eval,
-        "init_eval": next((r for r in map(json.loads, run.metrics.read_text().splitlines())
-                           if r.get("split") == "eval" and r["step"] == 0), None) if run.metrics.exists() else None,
+        "init_eval": state["init_eval"],
         "draft_vocab_size": len(run.draft_vocab) if run.draft_vocab else None, "processes": run.world,
     }
 
@@ -335,8 +334,9 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
     t0, seconds0, tokens_window, t_window = time.perf_counter(), state["seconds"], 0, time.perf_counter()
     ended_early, last_eval, eval_step = False, {}, -1
     if cfg.init and state["step"] == 0 and run.eval_batches and main:  # the warm start's own score, to beat
-        run.log({"step": 0, "split": "eval", **evaluate(run.head, run.eval_source, run.eval_batches, run.vocab, cfg,
-                                                         device)})
+        state["init_eval"] = {"step": 0, "split": "eval", **evaluate(run.head, run.eval_source, run.eval_batches,
+                                                                       run.vocab, cfg, device)}
+        run.log(state["init_eval"])
     while state["step"] < cfg.max_steps:
         step = state["step"]
         if stop_at is not None and step >= stop_at:
