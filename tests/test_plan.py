@@ -23,6 +23,25 @@ def test_best_plan_follows_the_hardware_and_the_draft_cost():
     assert best_plan(plans, flat, {p: 5.0 for p in plans}, 4, acceptance) == NO_DRAFT
 
 
+def test_a_larger_plan_must_win_clearly():
+    # round 11's fp32 profile of the shipped EAGLE head on the AVX2 host: verify and draft seconds, acceptance
+    acceptance = [0.4317, 0.3630]
+    small, large = Plan("dynamic", 1, 4), Plan("dynamic", 2, 12)
+    latency = {0: 0.0480, 4: 0.0567, 12: 0.0707}
+    draft = {small: 0.0041, large: 0.0088}
+    rate = {p: expected_tokens(p, 4, acceptance) / (latency[p.total_tokens] + draft[p]) for p in (small, large)}
+    assert rate[small] < rate[large] < rate[small] / (1 - 0.03)  # the model puts the 12-node tree ahead, barely
+    assert best_plan([NO_DRAFT, small, large], latency, draft, 4, acceptance, margin=0.0) == large
+    assert best_plan([NO_DRAFT, large, small], latency, draft, 4, acceptance) == small
+    # a clear win still goes to the larger tree
+    assert best_plan([NO_DRAFT, small, large], latency, {small: 0.0141, large: 0.0088}, 4, acceptance) == large
+    # and a drafting plan that beats plain decoding by less than the margin is not worth its risk either
+    barely = {0: 1.0, 4: 1.0}
+    gain = expected_tokens(small, 4, acceptance)
+    assert best_plan([NO_DRAFT, small], barely, {small: gain - 1.01}, 4, acceptance) == NO_DRAFT
+    assert best_plan([NO_DRAFT, small], barely, {small: gain - 1.1}, 4, acceptance) == small
+
+
 def test_expected_tokens_and_candidates():
     assert expected_tokens(NO_DRAFT, 4, [0.5]) == 1.0
     assert expected_tokens(Plan("chain", 2, 2), 4, [0.5, 0.4]) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
