@@ -109,6 +109,14 @@ def test_methods_in_another_dtype_are_compared_with_their_own_vanilla(saved_tiny
     assert all(m["exact_match"] == 1.0 for m in methods.values())  # each against its own dtype's vanilla
     assert methods["vanilla-bfloat16"]["speedup_same_dtype"] == pytest.approx(1.0)
     assert methods["pld"]["speedup_same_dtype"] == pytest.approx(methods["pld"]["speedup"])
+    for cat in ("copy", "misc"):  # the per-category guarantee is judged against the same dtype's vanilla
+        assert methods["vanilla-bfloat16"]["by_category"][cat]["speedup_same_dtype"] == pytest.approx(1.0)
+        pld = methods["pld"]["by_category"][cat]
+        assert pld["speedup_same_dtype"] == pytest.approx(pld["speedup"])
+    lowest = min(methods["ek16"]["by_category"].items(), key=lambda c: c[1]["speedup_same_dtype"])
+    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines()
+               if line.startswith("| ek16 |"))
+    assert f"{lowest[1]['speedup_same_dtype']:.2f}x ({lowest[0]})" in row
     fastest = max(("vanilla", "vanilla-bfloat16"), key=lambda n: methods[n]["tokens_per_s"])
     assert methods[fastest]["speedup_vs_fastest_vanilla"] == pytest.approx(1.0)
     assert res["settings"]["method_specs"]["ek16"]["dtype"] == "bfloat16"
