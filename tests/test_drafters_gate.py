@@ -55,3 +55,31 @@ def test_gated_medusa_is_lossless(llama_target):
     gated = GatedDrafter(MedusaDrafter(head, tree="chain", depth=2))
     assert generate(llama_target, PROMPT, gated, max_new_tokens=40).tokens == ref
     assert gated.depth == 2  # the inner drafter's settings stay visible
+
+
+def _scripted(gains: list[int], draft_cost: float, steps: int = 300) -> GatedDrafter:
+    """A gate over `steps` steps on a virtual clock: a plain step costs 1 and gains 1; the k-th drafted step costs
+    `draft_cost` and gains gains[k % len(gains)]."""
+    now = [0.0]
+    gate = GatedDrafter(Drafter(), clock=lambda: now[0])
+    gate.reset([])
+    gate.observe(torch.zeros(1, 1), [0])  # the prefill step
+    for _ in range(steps):
+        gate.propose([])
+        gain = gains[gate.draft_steps % len(gains)] if gate.drafting else 1
+        now[0] += draft_cost if gate.drafting else 1.0
+        gate.observe(torch.zeros(gain, 1), [0] * gain)
+    return gate
+
+
+def test_gate_keeps_a_head_that_pays_on_average_through_runs_of_misses():
+    # draft steps cost 1.3 plain steps and gain 1.5 tokens on average, in runs of four misses: a 15% gain
+    gate = _scripted([1, 1, 1, 1, 2, 2, 2, 2], draft_cost=1.3)
+    assert gate.draft_steps > 0.9 * (gate.draft_steps + gate.plain_steps)
+
+
+def test_gate_backs_off_a_head_that_loses_on_average():
+    gate = _scripted([1, 1, 2], draft_cost=1.5)  # 1.33 tokens for 1.5 plain steps' time: 11% slower
+    assert gate.plain_steps > 4 * gate.draft_steps
+    costly = _scripted([2, 1], draft_cost=4.0)  # one step of a costly head is evidence enough
+    assert costly.plain_steps > 15 * costly.draft_steps
