@@ -27,12 +27,13 @@ from koala.tree import DraftTree
 
 class GatedDrafter(Drafter):
     def __init__(self, inner: Drafter, doubt: float = 1.0, min_var: float = 0.25, memory: float = 0.9,
-                 plain_probe: int = 32, first_backoff: int = 8, max_backoff: int = 128,
+                 plain_probe: int = 32, first_backoff: int = 8, max_backoff: int = 128, proven_after: int = 8,
                  clock=time.perf_counter) -> None:
         self.inner = inner
         self.name = inner.name
         self.doubt, self.min_var, self.memory = doubt, min_var, memory
         self.plain_probe, self.first_backoff, self.max_backoff = plain_probe, first_backoff, max_backoff
+        self.proven_after = proven_after  # drafted steps without a loss before the backoff starts over
         self.clock = clock
         self.reset([])
 
@@ -98,7 +99,7 @@ class GatedDrafter(Drafter):
                 self.burst = 0
                 self.sums[True] = [0.0] * 4
                 return False
-            if self.burst >= self.first_backoff and not self._drafting_loses(0.0):  # proven, not lucky once
+            if self.burst >= self.proven_after and not self._drafting_loses(0.0):  # proven, not lucky once
                 self.backoff = self.first_backoff
             if self.since_plain >= self.plain_probe:  # refresh the plain rate now and then
                 self.since_plain = 0
