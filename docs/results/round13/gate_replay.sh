@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Round 13: the round-12 and round-13 gate rules replayed over the same per-step traces (output: gate_replay.txt).
-# traces/eagle-bf16.json was recorded with `gate_replay.py trace traces/eagle-bf16.json bfloat16 heads/smollm2-135m/eagle`;
+# traces/eagle-bf16.json and eagle-fp32.json were recorded with `gate_replay.py trace traces/eagle-DTYPE.json DTYPE
+# heads/smollm2-135m/eagle`;
 # the other two with the same code before it moved into gate_replay.py (medusa-bf16: heads/smollm2-135m/medusa;
 # eagle-fp32-24nodes: float32, '{"tree": "dynamic", "depth": 4, "total_tokens": 24, "lookup": 0}').
 set -e
