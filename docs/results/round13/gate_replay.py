@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from koala.drafters.base import Drafter
+
 
 def trace(out: str, dtype: str, head: str, options: str = "{}") -> None:
     from koala.bench import load_questions
@@ -56,14 +58,6 @@ def _gate_class(spec: str):
     return module.GatedDrafter, kwargs
 
 
-class _Inner:
-    name, plan = "replayed", None
-
-    def reset(self, ids): pass
-    def propose(self, ids): return None
-    def observe(self, hidden, next_ids): pass
-
-
 def _replay(gate_cls, kwargs, drafted: list, plain: list) -> float:
     """Seconds the gate takes over one answer."""
     starts, p = [], 0
@@ -71,7 +65,7 @@ def _replay(gate_cls, kwargs, drafted: list, plain: list) -> float:
         starts.append((p, gain, seconds))
         p += gain
     now = [0.0]
-    gate = gate_cls(_Inner(), clock=lambda: now[0], **kwargs)
+    gate = gate_cls(Drafter(), clock=lambda: now[0], **kwargs)  # an inner drafter that proposes nothing
     gate.reset([])
     gate.observe(torch.zeros(1, 1), [0])  # the prefill step
     pos = 0
