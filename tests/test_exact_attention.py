@@ -6,7 +6,7 @@ from koala.decode import generate
 from koala.drafters import PromptLookupDrafter
 from koala import cpu_kernels
 from koala.exact_attention import _float64, _rows, exact_attention
-from koala.target import amx_bf16
+from koala.invariant_linear import amx_bf16
 
 from conftest import tiny_target
 

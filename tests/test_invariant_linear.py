@@ -26,6 +26,19 @@ def test_each_row_is_the_same_alone_and_inside_any_call(shape):
     torch.testing.assert_close(alone.float(), F.linear(x, layer.weight).float(), atol=2e-2, rtol=2e-2)
 
 
+def test_onednn_is_used_only_where_amx_multiplies(monkeypatch):
+    """On a Zen 5 (AVX-512 BF16, no AMX) oneDNN's packed bf16 rows drifted inside the 4-row calls its load-time check
+    allowed, and bf16 speculation left plain decoding's answers; only AMX CPUs were measured invariant."""
+    weight = torch.randn(8, 16).bfloat16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert invariant_linear._onednn_bf16(weight, None) is None
+    invariant_linear.bf16_backend.cache_clear()
+    try:
+        assert invariant_linear.bf16_backend() == ("koala" if cpu_kernels.library() is not None else "torch")
+    finally:
+        invariant_linear.bf16_backend.cache_clear()
+
+
 def test_the_block_shrinks_until_the_rows_agree():
     weight = torch.randn(8, 16).bfloat16()
 

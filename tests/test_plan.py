@@ -67,6 +67,20 @@ def test_profile_is_measured_once_cached_and_expires(llama_target, tmp_path, mon
     assert len(calls) == 2  # an expired profile is measured again
 
 
+def test_a_profile_is_not_reused_under_another_bf16_kernel(llama_target, tmp_path, monkeypatch):
+    """Timings taken with one CPU bf16 kernel (round 14: oneDNN on a Zen 5, replaced by koala's kernel there) say
+    nothing about another, so the kernel is part of a profile's key."""
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path))
+    monkeypatch.setattr(plan_mod, "MAX_SPREAD", float("inf"))
+    calls = []
+    real = plan_mod.measure_latency
+    monkeypatch.setattr(plan_mod, "measure_latency", lambda *a, **k: calls.append(1) or real(*a, repeats=1))
+    latency_profile(llama_target, sizes=(1, 2))
+    monkeypatch.setattr(plan_mod, "bf16_backend", lambda: "some-other-kernel")
+    latency_profile(llama_target, sizes=(1, 2))
+    assert len(calls) == 2 and len(list((tmp_path / "plans").glob("verify-*.json"))) == 2
+
+
 def test_noisy_timings_are_used_but_not_saved(llama_target, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KOALA_HOME", str(tmp_path))
     monkeypatch.setattr(plan_mod, "MAX_SPREAD", 0.5)  # every measurement now counts as noisy

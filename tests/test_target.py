@@ -24,9 +24,9 @@ def test_missing_targets_fail_clearly(tmp_path):
 
 
 def test_dtype_and_device_errors(monkeypatch):
-    from koala import invariant_linear
+    from koala import target as target_module
 
-    monkeypatch.setattr(invariant_linear, "bf16_backend", lambda: "onednn")
+    monkeypatch.setattr(target_module, "bf16_backend", lambda: "onednn")
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
@@ -78,11 +78,10 @@ def test_auto_dtype_is_bf16_only_for_commands_that_draft_with_a_head(saved_tiny_
 @pytest.mark.parametrize("backend, want", [("koala", torch.bfloat16), ("onednn", torch.float32),
                                            ("torch", torch.float32)])
 def test_auto_dtype_without_amx_follows_the_bf16_kernel(backend, want, monkeypatch):
-    from koala import invariant_linear
-    from koala.target import resolve_dtype
+    from koala import target as target_module
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(invariant_linear, "bf16_backend", lambda: backend)
+    monkeypatch.setattr(target_module, "bf16_backend", lambda: backend)
     assert resolve_dtype("auto", "cpu") == want and resolve_dtype("auto", "cpu", drafting=True) == want
     assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("fp32", "cpu") == torch.float32
 

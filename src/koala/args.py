@@ -88,8 +88,8 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
                         "or a hub id already in the local cache")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on gpu; on an AMX cpu fp32, or bf16 with a --head; bf16 on cpus where it runs "
-                        "on koala's C kernel, e.g. AVX2 AMD; else fp32), float32, bfloat16, float16")
+                   help="auto (bf16 on gpu; on an AMX cpu fp32, or bf16 with a --head; bf16 on other x86 cpus where "
+                        "koala's C kernel runs, e.g. AMD EPYC; else fp32), float32, bfloat16, float16")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the target's own modeling code")
 
 

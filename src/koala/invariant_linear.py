@@ -6,11 +6,12 @@ others comes out a rounding step away from the same row alone (bf16 F.linear on 
 F.linear on an AMD EPYC from 2 rows on), and near-tied argmaxes flip.
 
 So every linear of a CPU target gets a kernel chosen once at load, in this order: oneDNN's linear on a bf16 weight
-packed once (CPUs with AVX-512/AMX: fast, and invariant up to 149 rows as measured), koala's own C kernel
-(koala.cpu_kernels: invariant at any row count by construction, fp32/bf16/fp16), else F.linear. Whatever the
-kernel, it runs in blocks of at most `block` rows, a size checked at load for each weight shape: probe rows
-computed alone must come out the same inside calls of up to `block` rows (the block halves until they do; one row
-at a time is invariant by construction).
+packed once, on CPUs with AMX only (fast, and invariant up to 149 rows as measured on a Xeon; on an AMD Zen 5 with
+AVX-512 BF16 but no AMX its rows drifted even inside the 4-row calls the load-time check allowed, and bf16 greedy
+answers left plain decoding's), koala's own C kernel (koala.cpu_kernels: invariant at any row count by
+construction, fp32/bf16/fp16), else F.linear. Whatever the kernel, it runs in blocks of at most `block` rows, a
+size checked at load for each weight shape: probe rows computed alone must come out the same inside calls of up to
+`block` rows (the block halves until they do; one row at a time is invariant by construction).
 """
 from __future__ import annotations
 
@@ -28,9 +29,16 @@ PROBE_ROWS = (2, 3, 5, 8, 13, 17, 24, 33, 48, 65, 96, 128)  # row counts the loa
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
 
+def amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in AMX tiles: there a bf16 verify of 1-32 tokens costs about one plain step."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
 def _onednn_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | None:
-    """oneDNN's linear on a bf16 weight packed once (no per-call reordering), where the CPU supports it."""
-    if weight.dtype != torch.bfloat16:
+    """oneDNN's linear on a bf16 weight packed once (no per-call reordering), on AMX CPUs: the only kind where its
+    rows were measured independent of the row count (see the module docstring)."""
+    if weight.dtype != torch.bfloat16 or not amx_bf16():
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -43,7 +51,7 @@ def _onednn_bf16(weight: torch.Tensor, bias: torch.Tensor | None) -> Kernel | No
 
 @functools.cache
 def bf16_backend() -> str:
-    """Which kernel a CPU bf16 linear gets here: 'onednn' (packed; AVX-512/AMX CPUs), 'koala' (the C kernel), or
+    """Which kernel a CPU bf16 linear gets here: 'onednn' (packed; AMX CPUs), 'koala' (the C kernel), or
     'torch' (F.linear)."""
     weight = torch.zeros(8, 8, dtype=torch.bfloat16)
     if _onednn_bf16(weight, None) is not None:

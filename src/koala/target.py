@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from koala.home import cache_dir
+from koala.invariant_linear import amx_bf16, bf16_backend
 from koala.kvcache import ReservedCache
 
 DEFAULT_TARGET = "smollm2"
@@ -117,17 +118,11 @@ def _load_dir(name: str, dtype: torch.dtype, local_only: bool, trust_remote_code
     return model, tokenizer
 
 
-def amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in AMX tiles: there a bf16 verify of 1-32 tokens costs about one plain step."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check is not None and check())
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool = False) -> torch.dtype:
     """--dtype to a torch dtype. "auto": bf16 on GPUs. On AMX CPUs float32 for plain decoding (its one-token step is
     the fastest) and bf16 when a head drafts (wide verifies nearly free). On CPUs where bf16 linears run on koala's
-    C kernel (AVX2 without AVX-512, e.g. AMD EPYC) bf16 for both: it reads half the bytes of fp32 (T(1) 48 vs 83 ms
-    there). Elsewhere float32. Measured in docs/benchmark.md."""
+    C kernel (x86 without AMX, e.g. AMD EPYC) bf16 for both: it reads half the bytes of fp32 (T(1) 48 vs 83 ms on an
+    AVX2 EPYC, 9 vs 16 ms on a Zen 5). Elsewhere float32. Measured in docs/benchmark.md."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -135,8 +130,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool =
             return torch.bfloat16
         if amx_bf16():
             return torch.bfloat16 if drafting else torch.float32
-        from koala.invariant_linear import bf16_backend
-
         return torch.bfloat16 if bf16_backend() == "koala" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

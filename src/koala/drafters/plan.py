@@ -28,6 +28,7 @@ from koala import cpu_kernels
 from koala.atomic import write_json_atomic
 from koala.drafters.trees import expected_accepted
 from koala.home import cache_dir
+from koala.invariant_linear import bf16_backend
 from koala.target import Target, device_name, sync
 from koala.tree import DraftTree, verify_inputs
 
@@ -181,7 +182,7 @@ def _target_key(target: Target) -> list:
     return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
             cfg.num_hidden_layers, str(target.dtype), getattr(cfg, "_attn_implementation", None),
             target.identity["lm_head_sha256"], CONTEXT, FORWARD_VERSION,
-            cpu_kernels.version() if target.device.type == "cpu" else None]
+            [cpu_kernels.version(), bf16_backend()] if target.device.type == "cpu" else None]
 
 
 def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:
