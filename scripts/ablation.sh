@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The KOALA ablation: K in {1,2,3} x adversarial {off,on} on one cache, one recipe and one step budget, two
-# seeds for the K=1 and K=2 cells, plus adversarial variants and target-initialised layers at K=2. Every run
+# seeds for the K=1 and K=2 cells, then (unless VARIANTS=0) adversarial variants and target-initialised
+# layers at K=2. Every run
 # resumes where it stopped (re-run the script); finished runs are skipped. Then a table of held-out acc@k,
 # tokens and steps per cell:
 #
@@ -34,20 +35,26 @@ train() {  # NAME KIND K [flags...]
     || { echo "$name: FAILED (see $out.log)"; return 1; }
 }
 
-for kind in $KINDS; do  # seed 0 grid first, then the adversarial variants, then the second seed
+for kind in $KINDS; do  # the seed-0 grid of every kind first
   for k in 1 2 3; do
     train "$kind-k$k-s0" "$kind" "$k" --seed 0
     train "$kind-k$k-adv-s0" "$kind" "$k" --adversarial --seed 0
   done
-  train "$kind-k2-advpos-s0" "$kind" 2 --adversarial --adv-level position --seed 0
-  train "$kind-k2-advhinge-s0" "$kind" 2 --adversarial --adv-loss hinge --seed 0
-  if [ "$kind" = eagle ]; then
-    train "$kind-k2-advfeat-s0" "$kind" 2 --adversarial --adv-features --seed 0
-    train "$kind-k2-tinit-s0" "$kind" 2 --init-from-target --seed 0  # layers start as the target's last two
-  fi
+done
+for kind in $KINDS; do  # then the second seed of the K=1 and K=2 cells
   for k in 1 2; do
     train "$kind-k$k-s1" "$kind" "$k" --seed 1
     train "$kind-k$k-adv-s1" "$kind" "$k" --adversarial --seed 1
   done
 done
+if [ "${VARIANTS:-1}" = 1 ]; then
+  for kind in $KINDS; do  # then the adversarial variants and target-initialised layers at K=2
+    train "$kind-k2-advpos-s0" "$kind" 2 --adversarial --adv-level position --seed 0
+    train "$kind-k2-advhinge-s0" "$kind" 2 --adversarial --adv-loss hinge --seed 0
+    if [ "$kind" = eagle ]; then
+      train "$kind-k2-advfeat-s0" "$kind" 2 --adversarial --adv-features --seed 0
+      train "$kind-k2-tinit-s0" "$kind" 2 --init-from-target --seed 0  # layers start as the target's last two
+    fi
+  done
+fi
 .venv/bin/python scripts/ablation_table.py "$RUNS"

@@ -1,5 +1,6 @@
 """The KOALA ablation as one markdown table: every finished run under a directory (scripts/ablation.sh), its
-held-out acc@k (agreement with the target's argmax), the mean and spread (stdev) over seeds, tokens and steps.
+held-out acc@k (agreement with the target's argmax), the mean and spread (stdev) over seeds, tokens, steps and
+training throughput.
 
     .venv/bin/python scripts/ablation_table.py runs/ablation [--bench runs/bench/ablation/results.json]
 
@@ -43,7 +44,7 @@ def main() -> None:
         name = manifest.parent.name
         cell, seed = cell_of(name)
         cells[cell].append({"seed": seed, "m": m, "bench": bench.get(name), "plan": plans.get(name)})
-    cols = ["cell", "seeds", "acc@1", "acc@2", "tokens", "steps"]
+    cols = ["cell", "seeds", "acc@1", "acc@2", "tokens", "steps", "train tok/s"]
     if bench:
         cols += ["tau", "speedup", "lowest category", "drafting plan"]
     print("| " + " | ".join(cols) + " |")
@@ -52,7 +53,8 @@ def main() -> None:
         acc = {k: [r["m"]["final_eval"][k] for r in runs] for k in ("acc@1", "acc@2")}
         row = [cell, ",".join(r["seed"] for r in runs), fmt(acc["acc@1"]), fmt(acc["acc@2"]),
                f"{statistics.mean(r['m']['tokens_seen'] for r in runs) / 1e6:.2f}M",
-               ",".join(sorted({str(r["m"]["steps"]) for r in runs}))]
+               ",".join(sorted({str(r["m"]["steps"]) for r in runs})),
+               f"{statistics.mean(r['m']['tokens_seen'] / r['m']['train_seconds'] for r in runs):,.0f}"]
         if bench:
             got = [r["bench"] for r in runs if r["bench"]]
             low = [min(c["speedup"] for c in b["by_category"].values()) for b in got]

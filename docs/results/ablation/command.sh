@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The KOALA ablation (issue 9): training, the table, then the speed of the main grid's heads in one koala bench run
-# (each head alone in bf16 with exact attention: no prompt lookup, no gate; the drafting plan, or none, chosen by
-# measured cost; speedups vs fp32 vanilla and vs bf16 vanilla).
+# The KOALA ablation (issue 9): training, the table, then the speed of the seed-0 grid's heads in one koala bench
+# run (each head alone in bf16 with exact attention: no prompt lookup, no gate; the drafting plan, or none, chosen
+# by measured cost; speedups vs the vanilla of each dtype).
+#   KINDS="eagle medusa" VARIANTS=0 bash docs/results/ablation/command.sh
 set -e
 cd "$(dirname "$0")/../../.."
+KINDS=${KINDS:-eagle}
 bash scripts/ablation.sh   # resumable; runs/ablation/<cell>-s<seed>/ (head/, manifest.json, metrics.jsonl)
 m=()
-for cell in k1 k1-adv k2 k2-adv k3 k3-adv; do
-  [ -f "runs/ablation/eagle-$cell-s0/manifest.json" ] && m+=(--method "eagle-$cell-s0=runs/ablation/eagle-$cell-s0/head:lookup=0,gate=off,dtype=bf16")
+for kind in $KINDS; do
+  for cell in k1 k1-adv k2 k2-adv k3 k3-adv; do
+    run="runs/ablation/$kind-$cell-s0"
+    [ -f "$run/manifest.json" ] && m+=(--method "$kind-$cell-s0=$run/head:lookup=0,gate=off,dtype=bf16")
+  done
 done
-.venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 1 \
+.venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category "${PER_CATEGORY:-1}" \
   --max-new-tokens 128 --threads 2 "${m[@]}" --out docs/results/ablation/bench
 .venv/bin/python scripts/ablation_table.py runs/ablation --bench docs/results/ablation/bench/results.json \
   > docs/results/ablation/table.md
