@@ -2,10 +2,17 @@
 # The KOALA ablation (issue 9): training, the table, then the speed of the seed-0 grid's heads in one koala bench
 # run (each head alone in bf16 with exact attention: no prompt lookup, no gate; the drafting plan, or none, chosen
 # by measured cost; speedups vs the vanilla of each dtype).
-#   KINDS="eagle medusa" VARIANTS=0 bash docs/results/ablation/command.sh
+#   KINDS="eagle medusa" VARIANTS=0 STEPS=200 bash docs/results/ablation/command.sh   # round 14
 set -e
 cd "$(dirname "$0")/../../.."
-KINDS=${KINDS:-eagle}
+export KINDS=${KINDS:-eagle}
+source scripts/setup.sh
+# the caches (round 14: 3.3 and 15.6 minutes, bf16, 2 threads): the held-out Spec-Bench answers, and the first 2,200
+# distilled ShareGPT first turns (0.85M tokens, more than the 200-step budget reads)
+[ -f runs/cache/specbench/manifest.json ] || .venv/bin/koala cache --data data/smollm2-135m/specbench-answers.jsonl.gz \
+  --out runs/cache/specbench --max-length 1400 --dtype bfloat16
+[ -f runs/cache/sharegpt/manifest.json ] || .venv/bin/koala cache --data data/smollm2-135m/sharegpt-first-turns.jsonl.gz \
+  --out runs/cache/sharegpt --max-length 1400 --max-sequences 2200 --dtype bfloat16
 bash scripts/ablation.sh   # resumable; runs/ablation/<cell>-s<seed>/ (head/, manifest.json, metrics.jsonl)
 m=()
 for kind in $KINDS; do
