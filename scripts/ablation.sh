@@ -31,7 +31,8 @@ train() {  # NAME KIND K [flags...]
   local out="$RUNS/$name"
   [ -f "$out/manifest.json" ] && { echo "$name: done"; return; }
   echo "$name: training ($(date -u +%H:%M))"
-  .venv/bin/koala train --head "$kind" --layers "$k" "$@" --out "$out" "${common[@]}" --resume > "$out.log" 2>&1 \
+  # a cell's own flags come after the common ones, so they win (e.g. a later --adv-start)
+  .venv/bin/koala train --head "$kind" --layers "$k" --out "$out" "${common[@]}" "$@" --resume > "$out.log" 2>&1 \
     || { echo "$name: FAILED (see $out.log)"; return 1; }
 }
 
@@ -54,6 +55,10 @@ if [ "${VARIANTS:-1}" = 1 ]; then
     if [ "$kind" = eagle ]; then
       train "$kind-k2-advfeat-s0" "$kind" 2 --adversarial --adv-features --seed 0
       train "$kind-k2-tinit-s0" "$kind" 2 --init-from-target --seed 0  # layers start as the target's last two
+      train "$kind-k2-advlate-s0" "$kind" 2 --adversarial --adv-start 150 --adv-warmup 20 --seed 0  # in the cosine's tail
+      for seed in 0 1; do
+        train "$kind-k2-advsmall-s$seed" "$kind" 2 --adversarial --adv-weight 0.02 --seed "$seed"  # lambda / 5
+      done
     fi
   done
 fi
