@@ -8,6 +8,10 @@ step different from the same row alone (measured on an AMD EPYC: every fp32 row 
 lossless verification. These kernels are also faster than F.linear and than the float64 attention they replace
 (docs/benchmark.md).
 
+On CPUs with AVX-512 BF16 (AMD Zen 4/5, Intel Sapphire Rapids and later) the library is built for AVX-512: the
+linear runs 16 lanes wide, and bf16 x bf16 products run in vdpbf16ps (twice the products per instruction; a
+different fixed chain, still row-invariant). KOALA_AVX512=0 builds the AVX2 library instead (`isa()` says which).
+
 The shared library is cached under KOALA_HOME/kernels, keyed by the source and flags. Where it cannot be built
 (no compiler, a CPU without AVX2/FMA/F16C, not Linux) or KOALA_KERNELS=0, `library()` returns None, `why()` says
 why, and callers fall back to torch's kernels.
@@ -30,6 +34,8 @@ from koala.home import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-Wall", "-Werror", "-shared", "-fPIC")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16")
+AVX512_CPU = {"avx512f", "avx512bw", "avx512_bf16"}
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _why: list[str] = []
 
@@ -42,26 +48,44 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
-def _key() -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+def _flag_sets() -> list[tuple[str, ...]]:
+    """The builds to try on this CPU, best first: AVX-512 (with BF16) where it has them, then AVX2."""
+    wide = AVX512_CPU <= _cpu_flags() and os.environ.get("KOALA_AVX512", "1") != "0"
+    return [FLAGS + AVX512_FLAGS, FLAGS] if wide else [FLAGS]
 
 
-def _build() -> Path:
-    """Compile the kernels for this CPU (once per source and flags) and return the shared library's path."""
+def _key(flags: tuple[str, ...] = FLAGS) -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+
+
+def _compile(flags: tuple[str, ...]) -> Path:
+    """Compile the kernels with these flags (once per source and flags) and return the shared library's path."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    out = cache_dir() / "kernels" / f"cpu_kernels-{_key()}.so"
+    out = cache_dir() / "kernels" / f"cpu_kernels-{_key(flags)}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, out)  # atomic: a process loading it never sees half a file
     return out
+
+
+def _build() -> tuple[Path, tuple[str, ...]]:
+    """The library for this CPU and the flags it was built with: the first flag set that compiles (an older
+    compiler may not know the AVX-512 BF16 intrinsics)."""
+    sets = _flag_sets()
+    for flags in sets[:-1]:
+        try:
+            return _compile(flags), flags
+        except (RuntimeError, subprocess.SubprocessError):
+            continue
+    return _compile(sets[-1]), sets[-1]
 
 
 @functools.cache
@@ -75,7 +99,8 @@ def library() -> ctypes.CDLL | None:
         _why.append(f"this CPU lacks {', '.join(sorted(missing))} (or is not Linux)")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))  # after torch: the kernels share torch's OpenMP runtime and threads
+        path, flags = _build()
+        lib = ctypes.CDLL(str(path))  # after torch: the kernels share torch's OpenMP runtime and threads
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why.append(f"could not build them: {e}")
         warnings.warn(f"koala's C kernels are unavailable ({_why[-1]}); using torch's kernels, which are slower on "
@@ -84,6 +109,8 @@ def library() -> ctypes.CDLL | None:
     lib.koala_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.koala_linear.restype = ctypes.c_int
+    lib.koala_isa.restype = ctypes.c_int
+    lib.key = _key(flags)
     lib.koala_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.koala_pack.restype = None
     lib.koala_packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -106,7 +133,14 @@ def library() -> ctypes.CDLL | None:
 def version() -> str:
     """Which kernels run here (a hash of their source and flags, or 'torch'): timings measured with other kernels
     do not apply."""
-    return _key() if library() is not None else "torch"
+    lib = library()
+    return lib.key if lib is not None else "torch"
+
+
+def isa() -> str:
+    """The instruction set koala's linear runs here: 'avx512' (with BF16 dot products), 'avx2', or 'torch'."""
+    lib = library()
+    return "torch" if lib is None else {512: "avx512", 256: "avx2"}[lib.koala_isa()]
 
 
 def why() -> str:

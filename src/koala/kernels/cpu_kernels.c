@@ -46,6 +46,53 @@ static inline void store(void *v, int kind, int64_t i, float f) {
 
 static inline int64_t elem_bytes(int kind) { return kind == F32 ? 4 : 2; }
 
+/* Eight elements from i on as fp32, widened exactly (the vector `to_float`). */
+static inline __m256 load8(const void *v, int kind, int64_t i) {
+  if (kind == F32) return _mm256_loadu_ps((const float *)v + i);
+  __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)v + i));
+  if (kind == F16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* f rounded to bf16 (nearest even, NaN as 0x7FC0) in the high halves of its lanes: `store`'s arithmetic. */
+static inline __m256i bf16_bits(__m256 f) {
+  __m256i u = _mm256_castps_si256(f);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd));
+  r = _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+
+/* Eight elements stored from i on in v's kind, rounded as `store` rounds. */
+static inline void store8(void *v, int kind, int64_t i, __m256 f) {
+  if (kind == F32) {
+    _mm256_storeu_ps((float *)v + i, f);
+  } else if (kind == F16) {
+    _mm_storeu_si128((__m128i *)((uint16_t *)v + i), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+  } else {
+    __m256i r = _mm256_srli_epi32(bf16_bits(f), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)v + i), packed);
+  }
+}
+
+/* f rounded to the kind and widened back (the vector `rounded`). */
+static inline __m256 rounded8(int kind, __m256 f) {
+  if (kind == F32) return f;
+  if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
+  return _mm256_castsi256_ps(bf16_bits(f));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define KOALA_AVX512 1
+#else
+#define KOALA_AVX512 0
+#endif
+
+/* Which linear this build runs: 512 (AVX-512 with BF16 dot products) or 256 (AVX2). */
+int koala_isa(void) { return KOALA_AVX512 ? 512 : 256; }
+
+#if !KOALA_AVX512
 /* Bytes per packed panel: PANEL columns x K, padded columns zero. */
 static int64_t panel_bytes(int kind, int64_t K) { return PANEL * K * elem_bytes(kind); }
 
@@ -160,6 +207,144 @@ int koala_linear(const void *x, int xkind, const void *packed, int kind, const f
   return 0;
 }
 
+#else
+/* The AVX-512 linear: the same panels of 16 columns and the same per-element chains, 16 lanes wide, two panels per
+   tile (2R accumulators), so even one row keeps two independent chains in flight.
+
+   fp32 and fp16 weights, and bf16 weights with fp32 rows, accumulate exactly as the AVX2 kernel does (one FMA per
+   element per k, k in order): the same bits. bf16 weights with bf16 rows (K even) take vdpbf16ps instead: per
+   element and per pair of k (2s, 2s + 1) one instruction adds both exact products, pairs in order. That is a
+   different (fixed) chain from the FMA one, so its results differ from the fp32-row path by rounding, but it is
+   still the same chain whatever the row count or tile, hence row-invariant, at twice the products per
+   instruction. bf16 panels store k pairs: value 2c + j of step s is column c at k = 2s + j (K padded to even). */
+enum { WROWS = 8 };
+
+static int64_t panel_bytes(int kind, int64_t K) { return PANEL * (kind == BF16 ? K + (K & 1) : K) * elem_bytes(kind); }
+
+/* The panel count rounded up to even (tiles read panels two at a time; the extra one is zeros). */
+int64_t koala_packed_bytes(int kind, int64_t N, int64_t K) {
+  int64_t panels = (N + PANEL - 1) / PANEL;
+  return (panels + (panels & 1)) * panel_bytes(kind, K);
+}
+
+void koala_pack(const void *w, int kind, void *packed, int64_t N, int64_t K) {
+  int64_t panels = (N + PANEL - 1) / PANEL, padded = panels + (panels & 1), steps = kind == BF16 ? K + (K & 1) : K;
+  #pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < padded; p++)
+    for (int64_t k = 0; k < steps; k++)
+      for (int64_t c = 0; c < PANEL; c++) {
+        int64_t n = p * PANEL + c, in = n < N && k < K;
+        if (kind == F32) {
+          ((float *)packed)[(p * K + k) * PANEL + c] = in ? ((const float *)w)[n * K + k] : 0.0f;
+        } else {
+          int64_t at = kind == BF16 ? (p * steps + (k & ~1)) * PANEL + 2 * c + (k & 1) : (p * K + k) * PANEL + c;
+          ((uint16_t *)packed)[at] = in ? ((const uint16_t *)w)[n * K + k] : 0;
+        }
+      }
+}
+
+/* Panel `panel`'s weights at step k as fp32 (for bf16, step k of the pair layout). */
+static inline __m512 load_wide(const void *panel, int kind, int64_t k) {
+  if (kind == F32) return _mm512_loadu_ps((const float *)panel + k * PANEL);
+  if (kind == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)panel + k * PANEL)));
+  __m512i v = _mm512_loadu_si512((const uint16_t *)panel + (k & ~1) * PANEL);
+  return _mm512_castsi512_ps(k & 1 ? _mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u))
+                                   : _mm512_slli_epi32(v, 16));
+}
+
+/* R rows x the two panels at `panel` (columns [n0, n0 + cols), cols <= 32) into y. dot: x is bf16 rows and the
+   products run in vdpbf16ps; else x is fp32 rows. R, kind and dot are constants at every call site. */
+static inline __attribute__((always_inline)) void tile(int R, int kind, int dot, const void *x, const void *panel,
+                                                       int64_t bytes, const float *bias, void *y, int ykind,
+                                                       int64_t m0, int64_t n0, int cols, int64_t N, int64_t K) {
+  __m512 acc[WROWS][2];
+  const char *p0 = (const char *)panel, *p1 = p0 + bytes;
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  if (dot) {
+    const uint16_t *xh = (const uint16_t *)x;
+    for (int64_t s = 0; s < K / 2; s++) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(p0 + s * 64), w1 = (__m512bh)_mm512_loadu_si512(p1 + s * 64);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; r++) {
+        int32_t pair;
+        __builtin_memcpy(&pair, xh + r * K + 2 * s, 4);
+        __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+      }
+    }
+  } else {
+    const float *xf = (const float *)x;
+    for (int64_t k = 0; k < K; k++) {
+      __m512 w0 = load_wide(p0, kind, k), w1 = load_wide(p1, kind, k);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; r++) {
+        __m512 xv = _mm512_set1_ps(xf[r * K + k]);
+        acc[r][0] = _mm512_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+  }
+  float out[WROWS][2 * PANEL];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    _mm512_storeu_ps(out[r], acc[r][0]);
+    _mm512_storeu_ps(out[r] + PANEL, acc[r][1]);
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < cols; c++) store(y, ykind, (m0 + r) * N + n0 + c, bias ? out[r][c] + bias[n0 + c] : out[r][c]);
+}
+
+#define TILES(name, kind, dot)                                                                              \
+  static void name(const void *x, int64_t row_bytes, const void *panel, int64_t bytes, const float *bias,   \
+                   void *y, int ykind, int64_t M, int64_t n0, int cols, int64_t N, int64_t K) {             \
+    int64_t m = 0;                                                                                          \
+    for (; m + WROWS <= M; m += WROWS)                                                                      \
+      tile(WROWS, kind, dot, (const char *)x + m * row_bytes, panel, bytes, bias, y, ykind, m, n0, cols, N, K); \
+    const void *xm = (const char *)x + m * row_bytes;                                                       \
+    switch (M - m) {                                                                                        \
+      case 7: tile(7, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 6: tile(6, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 5: tile(5, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 4: tile(4, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 3: tile(3, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 2: tile(2, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 1: tile(1, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+    }                                                                                                       \
+  }
+TILES(rows_F32, F32, 0)
+TILES(rows_BF16, BF16, 0)
+TILES(rows_F16, F16, 0)
+TILES(rows_DOT, BF16, 1)
+
+int koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
+                 int64_t M, int64_t N, int64_t K) {
+  int dot = kind == BF16 && xkind == BF16 && K % 2 == 0;
+  const void *rows = x;
+  float *wide = 0;
+  if (xkind != F32 && !dot) {
+    wide = (float *)malloc((size_t)(M * K + 1) * sizeof(float));
+    if (!wide) return -1;
+    for (int64_t i = 0; i < M * K; i++) wide[i] = to_float(x, xkind, i);
+    rows = wide;
+  }
+  int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(kind, K), row_bytes = K * (dot ? 2 : 4);
+  #pragma omp parallel for schedule(static) if (M * N * K > (1 << 17))
+  for (int64_t p = 0; p < pairs; p++) {
+    const void *panel = (const char *)packed + 2 * p * bytes;
+    int64_t n0 = p * 2 * PANEL;
+    int cols = N - n0 < 2 * PANEL ? (int)(N - n0) : 2 * PANEL;
+    if (dot) rows_DOT(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
+    else if (kind == F32) rows_F32(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
+    else if (kind == BF16) rows_BF16(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
+    else rows_F16(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
+  }
+  free(wide);
+  return 0;
+}
+#endif
+
 /* RMSNorm as Llama-family models define it, per row: h = x / sqrt(mean(x^2) + eps) in fp32, rounded to x's kind,
    times the weight (same kind), rounded again. The sum of squares runs in a fixed order, so rows are invariant. */
 void koala_rmsnorm(const void *x, const void *w, int kind, float eps, void *y, int64_t M, int64_t K) {
@@ -168,15 +353,18 @@ void koala_rmsnorm(const void *x, const void *w, int kind, float eps, void *y, i
     __m256 acc = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      float v[8];
-      for (int j = 0; j < 8; j++) v[j] = to_float(x, kind, m * K + k + j);
-      __m256 xv = _mm256_loadu_ps(v);
+      __m256 xv = load8(x, kind, m * K + k);
       acc = _mm256_fmadd_ps(xv, xv, acc);
     }
     float s = hsum(acc);
     for (; k < K; k++) s = fmaf(to_float(x, kind, m * K + k), to_float(x, kind, m * K + k), s);
     float r = 1.0f / sqrtf(s / (float)K + eps);
-    for (k = 0; k < K; k++) {
+    __m256 rv = _mm256_set1_ps(r);
+    for (k = 0; k + 8 <= K; k += 8) {
+      __m256 h = rounded8(kind, _mm256_mul_ps(load8(x, kind, m * K + k), rv));
+      store8(y, kind, m * K + k, _mm256_mul_ps(load8(w, kind, k), h));
+    }
+    for (; k < K; k++) {
       store(y, kind, m * K + k, to_float(x, kind, m * K + k) * r);
       store(y, kind, m * K + k, to_float(w, kind, k) * to_float(y, kind, m * K + k));
     }
@@ -197,13 +385,25 @@ static inline float rounded(int kind, float f) {
 
 /* out = x + y over count elements, each sum rounded to the kind (a residual connection); out may be x. */
 static void residual(const void *x, const void *y, void *out, int kind, int64_t count) {
-  for (int64_t i = 0; i < count; i++) store(out, kind, i, to_float(x, kind, i) + to_float(y, kind, i));
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) store8(out, kind, i, _mm256_add_ps(load8(x, kind, i), load8(y, kind, i)));
+  for (; i < count; i++) store(out, kind, i, to_float(x, kind, i) + to_float(y, kind, i));
 }
 
 /* One head of RoPE as transformers applies it: out = x * cos + rot(x) * sin, rot(x) = (-x[D/2:], x[:D/2]). */
 static void rope(const void *x, int64_t xi, const void *cos, const void *sin, int64_t ci, void *out, int64_t oi,
                  int kind, int64_t D) {
   int64_t half = D / 2;
+  if (half % 8 == 0) { /* eight lanes at a time, the same products, roundings and sums */
+    const __m256 minus = _mm256_set1_ps(-0.0f);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 rot = d < half ? _mm256_xor_ps(load8(x, kind, xi + d + half), minus) : load8(x, kind, xi + d - half);
+      __m256 a = rounded8(kind, _mm256_mul_ps(load8(x, kind, xi + d), load8(cos, kind, ci + d)));
+      __m256 b = rounded8(kind, _mm256_mul_ps(rot, load8(sin, kind, ci + d)));
+      store8(out, kind, oi + d, _mm256_add_ps(a, b));
+    }
+    return;
+  }
   for (int64_t d = 0; d < D; d++) {
     float rot = d < half ? -to_float(x, kind, xi + d + half) : to_float(x, kind, xi + d - half);
     float a = rounded(kind, to_float(x, kind, xi + d) * to_float(cos, kind, ci + d));
@@ -293,6 +493,11 @@ static inline __m256 exp_neg(__m256 x) {
 static inline float dot(const float *a, const float *b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
+  if (d == 64) { /* unrolled: the same chain, one loop fewer per key */
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8 * j), _mm256_loadu_ps(b + 8 * j), acc);
+    return hsum(acc);
+  }
   for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
   float s = hsum(acc);
   for (; i < d; i++) s = fmaf(a[i], b[i], s);
@@ -307,10 +512,9 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 static void attend_row(const float *q, const float *k, const float *v, const float *mask, int64_t keys,
                        int64_t ks, int64_t vs, int64_t d, float scale, float *s, float *out) {
   float top = -INFINITY;
-  for (int64_t l = 0; l < keys; l++) {
-    s[l] = dot(q, k + l * ks, d) * scale + (mask ? mask[l] : 0.0f);
-    top = s[l] > top ? s[l] : top;
-  }
+  for (int64_t l = 0; l < keys; l++) /* a key masked with -inf scores -inf whatever its dot product */
+    s[l] = mask && mask[l] == -INFINITY ? -INFINITY : dot(q, k + l * ks, d) * scale + (mask ? mask[l] : 0.0f);
+  for (int64_t l = 0; l < keys; l++) top = s[l] > top ? s[l] : top;
   int64_t l = 0;
   for (; l + 8 <= keys; l += 8)
     _mm256_storeu_ps(s + l, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top))));
@@ -321,6 +525,22 @@ static void attend_row(const float *q, const float *k, const float *v, const flo
     for (int64_t t = l; t < keys; t++) s[t] = tail[t - l];
   }
   float total = 0.0f;
+  if (d == 64) { /* the common head size: the same chain per element, the sums kept in registers across keys */
+    __m256 o[8];
+    #pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) o[i] = _mm256_setzero_ps();
+    for (l = 0; l < keys; l++) {
+      if (s[l] == 0.0f) continue;
+      total += s[l];
+      __m256 p = _mm256_set1_ps(s[l]);
+      #pragma GCC unroll 8
+      for (int i = 0; i < 8; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + l * vs + 8 * i), o[i]);
+    }
+    #pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+    for (int64_t i = 0; i < d; i++) out[i] /= total;
+    return;
+  }
   for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
   for (l = 0; l < keys; l++) {
     if (s[l] == 0.0f) continue;
