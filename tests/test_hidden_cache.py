@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from koala.hidden_cache import HiddenCache, OnlineSource, build_cache, tokenize_conversation, tokenize_file, TokenStats
+from koala.hidden_cache import (HiddenCache, OnlineSource, TokenStats, build_cache, greedy_from_hidden,
+                                tokenize_conversation, tokenize_file)
 
 
 def _distilled(tmp_path, n=6):
@@ -151,3 +152,23 @@ def test_a_reply_cut_at_the_length_limit_masks_no_end_token(llama_target, tmp_pa
     tok = llama_target.tokenizer
     assert [tok.convert_ids_to_tokens(i) for i, m in zip(ids_a, mask_a) if m] == ["w7", "w8"]
     assert [tok.convert_ids_to_tokens(i) for i, m in zip(ids_b, mask_b) if m] == ["w7", "w8", "</s>"]
+
+
+@torch.no_grad()
+def test_greedy_labels_are_the_fp32_argmax_in_bf16_too(llama_target):
+    """Labels of teacher-forced text are the argmax of unrounded fp32 logits, whichever kernel computes them: two
+    tokens whose logits differ below bf16's resolution are told apart, not tied."""
+    weight = llama_target.lm_head.weight
+    weight[0], weight[1] = 1.0, 1.0
+    weight[1, 0] = 1 + 2 ** -7  # on ones, logit 1 exceeds logit 0 by 2^-7 at the hidden size, far below a bf16 step
+    target = llama_target.with_dtype("bfloat16")
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, target.config.hidden_size).bfloat16().float()
+    hidden[:, ::4] = 1.0
+    mask = torch.rand(3, 40) < 0.7
+    got = greedy_from_hidden(target, hidden, mask)
+    want = (hidden.double() @ target.lm_head.weight.double().T).argmax(-1)
+    need = torch.zeros_like(mask)
+    need[:, :-1] = mask[:, 1:]
+    assert (want[:, ::4] == 1).all()
+    assert torch.equal(got[need], want[need]) and (got[~need] == -1).all()

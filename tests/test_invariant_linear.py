@@ -84,6 +84,19 @@ def test_c_kernel_rows_are_invariant_and_match_f_linear(dtype, shape):
 
 
 @kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_c_kernel_writes_unrounded_fp32_from_half_rows(dtype):
+    torch.manual_seed(0)
+    weight, x = torch.randn(200, 576).to(dtype), torch.randn(9, 576).to(dtype)
+    kernel = cpu_kernels.linear_kernel(weight, None)
+    exact = F.linear(x.double(), weight.double())  # the products of half values are exact in fp32 and fp64
+    out = kernel(x, torch.float32)
+    assert out.dtype == torch.float32
+    assert (out.double() - exact).abs().max() < 1e-3 < (kernel(x).double() - exact).abs().max()  # not rounded
+    assert torch.equal(kernel(x[3:4], torch.float32), out[3:4])  # still row-invariant
+
+
+@kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_c_rmsnorm_matches_llama_and_keeps_rows_invariant(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

@@ -162,9 +162,10 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
     bias = None if bias is None else bias.detach().float().contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """out_dtype (fp32, bf16, fp16; default x's dtype): e.g. fp32 logits from bf16 rows, unrounded."""
         rows = (x if x.dtype in KINDS else x.float()).contiguous()
-        out = torch.empty(rows.shape[0], n, dtype=rows.dtype)
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype or rows.dtype)
         if lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), kind, bias_ptr, out.data_ptr(),
                             KINDS[out.dtype], rows.shape[0], n, k):
             raise MemoryError(f"koala_linear could not allocate {rows.shape[0]} x {k} floats")

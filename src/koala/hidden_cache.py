@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,11 +167,21 @@ def greedy_from_hidden(target, hidden: torch.Tensor, mask: torch.Tensor) -> torc
     need[:, :-1] = mask[:, 1:]
     out = torch.full(mask.shape, -1, dtype=torch.long)
     rows = need.nonzero(as_tuple=True)
-    w = target.lm_head.weight.float().T  # once, not per chunk
+    logits = _fp32_logits(target)
     for a in range(0, rows[0].numel(), 4096):
         r = (rows[0][a:a + 4096], rows[1][a:a + 4096])
-        out[r] = (hidden[r].to(w.device, torch.float32) @ w).argmax(-1).cpu()
+        out[r] = logits(hidden[r]).argmax(-1).cpu()
     return out
+
+
+def _fp32_logits(target) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of the target's dtype -> fp32 logits with fp32 accumulation. On koala's C kernel (it writes fp32 from
+    bf16 rows: the same products, about 5x faster than an fp32 copy of the weight here), else an fp32 matmul."""
+    kernel = getattr(getattr(target.lm_head, "forward", None), "kernel", None)
+    if getattr(kernel, "packed", None) is not None:
+        return lambda h: kernel(h.to(target.dtype), torch.float32)
+    w = target.lm_head.weight.float().T  # once per call, not per chunk
+    return lambda h: h.to(w.device, torch.float32) @ w
 
 
 def _span(item, length) -> tuple[int, int, int]:
