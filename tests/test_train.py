@@ -189,7 +189,7 @@ def test_windows_train_every_cached_token():
             assert any(a <= t and t + 4 < b for a, b in mine), (i, t)
 
 
-def test_labels_are_fp32_under_bf16_autocast(llama_target):
+def test_labels_are_fp32_under_bf16_autocast(llama_target, loss_path):
     from koala.losses import Labels
 
     vocab = DraftVocab.build(llama_target, None, "cpu")
@@ -205,6 +205,55 @@ def test_labels_are_fp32_under_bf16_autocast(llama_target):
     ce, kl = lab.loss(b, t, q)
     assert kl == pytest.approx(float((ref.exp() * (ref - q)).sum(-1).mean()), rel=1e-4)
     assert float(ce) == pytest.approx(kl + float(-(ref.exp() * ref).sum(-1).mean()), rel=1e-4)
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def loss_path(request, monkeypatch):
+    """The label and loss passes on koala's C kernels (where they build), and on torch's ops."""
+    from koala import cpu_kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "soft_ce_rows", lambda z, p: None)
+        monkeypatch.setattr(cpu_kernels, "softmax_entropy_", lambda z: None)
+    elif cpu_kernels.library() is None:
+        pytest.skip(f"no C kernels here: {cpu_kernels.why()}")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_cross_entropy_matches_its_definition_and_gradient(dtype, loss_path):
+    from koala.losses import SoftCrossEntropy
+
+    torch.manual_seed(0)
+    z = (torch.randn(7, 300) * 3).to(dtype).requires_grad_()
+    p = torch.softmax(torch.randn(7, 300) * 2, -1)
+    ce = SoftCrossEntropy.apply(z, p)
+    ce.backward()
+    ce = ce.detach()
+    zr = z.detach().double().requires_grad_()
+    ref = -(p.double() * torch.log_softmax(zr, -1)).sum(-1).mean()
+    ref.backward()
+    assert float(ce) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert z.grad.dtype == dtype
+    torch.testing.assert_close(z.grad.double(), zr.grad, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=1e-2)
+
+
+def test_labels_read_in_any_row_order(llama_target, loss_path):
+    from koala.losses import Labels
+
+    vocab = DraftVocab.build(llama_target, None, "cpu")
+    torch.manual_seed(0)
+    lab = Labels(vocab, torch.randn(2, 6, llama_target.config.hidden_size), torch.rand(2, 6) < 0.8)
+    b, t = lab.index.ge(0).nonzero(as_tuple=True)
+    q = torch.randn(len(b), vocab.weight.shape[0])
+    ce, kl = lab.loss(b, t, q)  # every row in order: read without a gather
+    flip = torch.arange(len(b) - 1, -1, -1)
+    ce2, kl2 = lab.loss(b[flip], t[flip], q[flip])
+    ref = -(lab.p * torch.log_softmax(q, -1)).sum(-1).mean()
+    assert float(ce) == pytest.approx(float(ref), rel=1e-5) and float(ce2) == pytest.approx(float(ref), rel=1e-5)
+    assert kl == pytest.approx(kl2, rel=1e-4, abs=1e-6)
+    ce3, _ = lab.loss(b[1:], t[1:], q[1:])  # a subset: gathered
+    assert float(ce3) == pytest.approx(float(-(lab.p[1:] * torch.log_softmax(q[1:], -1)).sum(-1).mean()), rel=1e-5)
 
 
 def test_max_minutes_fits_the_schedule_and_anneals(llama_target, tmp_path):

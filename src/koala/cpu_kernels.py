@@ -127,6 +127,10 @@ def library() -> ctypes.CDLL | None:
     lib.koala_attn_in.restype = lib.koala_attn_out.restype = lib.koala_mlp_out.restype = ctypes.c_int
     lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
     lib.koala_attention.restype = None
+    lib.koala_soft_ce.argtypes = pointers + [ctypes.c_int] + pointers * 3 + sizes * 2
+    lib.koala_soft_ce_grad.argtypes = pointers + [ctypes.c_int] + pointers * 2 + [ctypes.c_float] + pointers + sizes * 2
+    lib.koala_softmax_entropy.argtypes = pointers * 2 + sizes * 2
+    lib.koala_soft_ce.restype = lib.koala_soft_ce_grad.restype = lib.koala_softmax_entropy.restype = None
     return lib
 
 
@@ -231,3 +235,35 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
                               None if mask is None else mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, q,
                               length, d, key.stride(0), key.stride(1), value.stride(0), value.stride(1), scale)
     return out
+
+
+def soft_ce_rows(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logsumexp(z), <p, z>) per row of CPU logits z (N, V; fp32/bf16/fp16) and fp32 probabilities p, in one
+    read of each; None where the kernels are unavailable or the tensors do not fit them."""
+    lib = library()
+    if lib is None or z.device.type != "cpu" or z.dtype not in KINDS or p.dtype != torch.float32 or z.dim() != 2:
+        return None
+    z, p = z.contiguous(), p.contiguous()
+    lse, pz = torch.empty(len(z)), torch.empty(len(z))
+    lib.koala_soft_ce(z.data_ptr(), KINDS[z.dtype], p.data_ptr(), lse.data_ptr(), pz.data_ptr(), *z.shape)
+    return lse, pz
+
+
+def soft_ce_grad(z: torch.Tensor, p: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * (softmax(z) - p) in z's dtype, for the tensors `soft_ce_rows` accepted."""
+    z, p = z.contiguous(), p.contiguous()
+    g = torch.empty_like(z)
+    library().koala_soft_ce_grad(z.data_ptr(), KINDS[z.dtype], p.data_ptr(), lse.contiguous().data_ptr(), scale,
+                                 g.data_ptr(), *z.shape)
+    return g
+
+
+def softmax_entropy_(z: torch.Tensor) -> torch.Tensor | None:
+    """Contiguous fp32 CPU logits (N, V) -> softmax in place; returns each row's entropy (None, z untouched, where
+    the kernels are unavailable)."""
+    lib = library()
+    if lib is None or z.device.type != "cpu" or z.dtype != torch.float32 or z.dim() != 2 or not z.is_contiguous():
+        return None
+    entropy = torch.empty(len(z))
+    lib.koala_softmax_entropy(z.data_ptr(), entropy.data_ptr(), *z.shape)
+    return entropy

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from koala import cpu_kernels
 from koala.adversarial import Draft
 
 
@@ -55,26 +56,63 @@ class Labels:
     at the positions some loss reads (`need`), with their entropies.
 
     The loss is the soft cross-entropy -sum p log q, which has the gradient of KL(p || q) (they differ by the
-    constant entropy of p) at a fraction of the memory traffic; KL itself is reported as CE - H(p)."""
+    constant entropy of p) at a fraction of the memory traffic; KL itself is reported as CE - H(p). Each (N, V)
+    fp32 pass costs about as much as the head's matmuls here (memory-bound), so the labels take as few as they
+    can: the logits are turned into log-probs in place, and the entropy is a row dot product with no temporary."""
 
     def __init__(self, vocab: DraftVocab, hidden: torch.Tensor, need: torch.Tensor) -> None:
         rows = need.nonzero(as_tuple=True)
         self.index = torch.full(need.shape, -1, dtype=torch.long, device=hidden.device)
         self.index[rows] = torch.arange(rows[0].numel(), device=hidden.device)
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            lp = F.log_softmax(hidden[rows].float() @ vocab.weight.T, dim=-1)
-            self.p = lp.exp()
-            self.entropy = -(self.p * lp).sum(-1)
+            z = hidden[rows].float() @ vocab.weight.T
+            self.entropy = cpu_kernels.softmax_entropy_(z)  # z becomes the probabilities, in one pass
+            if self.entropy is None:
+                lp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+                self.p = lp.exp()
+                self.entropy = -torch.einsum("nv,nv->n", self.p, lp)
+            else:
+                self.p = z
 
     def logprobs(self, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Log-probs at (b, t) (for the few contexts the discriminator sees)."""
         return self.p[self.index[b, t]].clamp_min(1e-30).log()
 
-    def loss(self, b: torch.Tensor, t: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(soft cross-entropy to train on, KL(target || head) to report), averaged over rows (b, t)."""
+    def loss(self, b: torch.Tensor, t: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(soft cross-entropy of the head's `logits` to train on, KL(target || head) to report), averaged over
+        rows (b, t)."""
         rows = self.index[b, t]
-        ce = -(self.p[rows] * lp).sum(-1).mean()
+        every = rows.numel() == len(self.p) and bool((rows == torch.arange(len(rows), device=rows.device)).all())
+        ce = SoftCrossEntropy.apply(logits, self.p if every else self.p[rows])  # no (N, V) gather when in order
         return ce, float(ce.detach() - self.entropy[rows].mean())
+
+
+class SoftCrossEntropy(torch.autograd.Function):
+    """Mean over rows of -sum_v p_v log softmax(z)_v for logits z of any float dtype and fp32 probabilities p,
+    as logsumexp(z) - <p, z> (p sums to one): no (N, V) log-prob tensor is made or kept, and the backward writes
+    softmax(z) - p in three passes. Computed in fp32 outside autocast."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(z.device.type, enabled=False):
+            rows = cpu_kernels.soft_ce_rows(z, p)  # one read of z and p (torch: ~5 passes, ~4x the time)
+            ctx.kernel = rows is not None
+            if rows is None:
+                zf = z.float()
+                rows = torch.logsumexp(zf, dim=-1), torch.einsum("nv,nv->n", p, zf)
+            lse, pz = rows
+            ctx.save_for_backward(z, p, lse)
+            return (lse - pz).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, p, lse = ctx.saved_tensors
+        if ctx.kernel:
+            return cpu_kernels.soft_ce_grad(z, p, lse, float(grad) / len(z)), None
+        with torch.autocast(z.device.type, enabled=False):
+            g = torch.sub(z, lse[:, None]).exp_()  # promotes to fp32: softmax(z)
+            g.sub_(p).mul_(grad / len(z))
+        return g.to(z.dtype), None
 
 
 def sample_rows(ok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,10 +123,10 @@ def sample_rows(ok: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows
 
 
-def hits(lp: torch.Tensor, vocab: DraftVocab, greedy: torch.Tensor) -> int:
+def hits(logits: torch.Tensor, vocab: DraftVocab, greedy: torch.Tensor) -> int:
     """Rows whose top-1 draft token is the target's own argmax (a target argmax outside the draft vocabulary is a
     miss: the head can never propose it)."""
-    return int((lp.argmax(-1) == vocab.draft_ids(greedy)).sum())
+    return int((logits.argmax(-1) == vocab.draft_ids(greedy)).sum())
 
 
 def unroll_mask(step: int, length: int, device) -> torch.Tensor:

@@ -573,3 +573,74 @@ void koala_attention(const float *q, const float *k, const float *v, const float
     }
   }
 }
+
+/* Per-row softmax statistics for training losses over a (reduced) vocabulary, one pass of memory per row where
+   torch makes several (N, V) temporaries: the max, lse = max + log sum exp(z - max), and <p, z> for the row of
+   probabilities p (fp32) into *pz when p is given. The row is z[o .. o+V) in z's kind (and p[o .. o+V)). */
+static float row_lse(const void *z, int kind, const float *p, int64_t o, int64_t V, float *pz) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t v = 0;
+  for (; v + 8 <= V; v += 8) m8 = _mm256_max_ps(m8, load8(z, kind, o + v));
+  float lanes[8], top = -INFINITY;
+  _mm256_storeu_ps(lanes, m8);
+  for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+  for (int64_t t = v; t < V; t++) top = to_float(z, kind, o + t) > top ? to_float(z, kind, o + t) : top;
+  __m256 s8 = _mm256_setzero_ps(), d8 = _mm256_setzero_ps(), t8 = _mm256_set1_ps(top);
+  for (v = 0; v + 8 <= V; v += 8) {
+    __m256 x = load8(z, kind, o + v);
+    s8 = _mm256_add_ps(s8, exp_neg(_mm256_sub_ps(x, t8)));
+    if (p) d8 = _mm256_fmadd_ps(_mm256_loadu_ps(p + o + v), x, d8);
+  }
+  float s = hsum(s8), d = hsum(d8);
+  for (int64_t t = v; t < V; t++) {
+    float x = to_float(z, kind, o + t);
+    s += expf(x - top);
+    if (p) d = fmaf(p[o + t], x, d);
+  }
+  if (p) *pz = d;
+  return top + logf(s);
+}
+
+/* lse[n] and <p[n], z[n]> for N rows of logits z and probabilities p: the soft cross-entropy is lse - <p, z>. */
+void koala_soft_ce(const void *z, int kind, const float *p, float *lse, float *pz, int64_t N, int64_t V) {
+  #pragma omp parallel for schedule(static) if (N * V > (1 << 16))
+  for (int64_t n = 0; n < N; n++) lse[n] = row_lse(z, kind, p, n * V, V, pz + n);
+}
+
+/* Its gradient: g = scale * (softmax(z) - p), written in z's kind. */
+void koala_soft_ce_grad(const void *z, int kind, const float *p, const float *lse, float scale, void *g, int64_t N,
+                        int64_t V) {
+  #pragma omp parallel for schedule(static) if (N * V > (1 << 16))
+  for (int64_t n = 0; n < N; n++) {
+    const int64_t o = n * V;
+    __m256 l8 = _mm256_set1_ps(lse[n]), c8 = _mm256_set1_ps(scale);
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8) {
+      __m256 e = exp_neg(_mm256_sub_ps(load8(z, kind, o + v), l8));
+      store8(g, kind, o + v, _mm256_mul_ps(c8, _mm256_sub_ps(e, _mm256_loadu_ps(p + o + v))));
+    }
+    for (; v < V; v++) store(g, kind, o + v, scale * (expf(to_float(z, kind, o + v) - lse[n]) - p[o + v]));
+  }
+}
+
+/* Fp32 logits z (N, V) -> probabilities softmax(z) in place, with each row's entropy (the training labels). */
+void koala_softmax_entropy(float *z, float *entropy, int64_t N, int64_t V) {
+  #pragma omp parallel for schedule(static) if (N * V > (1 << 16))
+  for (int64_t n = 0; n < N; n++) {
+    float lse = row_lse(z, F32, 0, n * V, V, 0), *row = z + n * V;
+    __m256 l8 = _mm256_set1_ps(lse), h8 = _mm256_setzero_ps();
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8) {
+      __m256 lp = _mm256_sub_ps(_mm256_loadu_ps(row + v), l8), e = exp_neg(lp);
+      h8 = _mm256_fnmadd_ps(e, lp, h8);
+      _mm256_storeu_ps(row + v, e);
+    }
+    float h = hsum(h8);
+    for (; v < V; v++) {
+      float lp = row[v] - lse, e = expf(lp);
+      h = fmaf(-e, lp, h);
+      row[v] = e;
+    }
+    entropy[n] = h;
+  }
+}

@@ -77,15 +77,15 @@ def unrolled_step(head, batch: Batch, first: torch.Tensor, vocab: DraftVocab, cf
         if rows[0].numel() == 0:
             acc.append((0, 0))
             continue
-        lp = F.log_softmax(head.logits(g[rows].to(head.fc.weight.dtype)).float(), dim=-1)
-        dist, parts[f"kl{s + 1}"] = labels.loss(rows[0], rows[1] + 1, lp)
+        logits = head.logits(g[rows].to(head.fc.weight.dtype))
+        dist, parts[f"kl{s + 1}"] = labels.loss(rows[0], rows[1] + 1, logits)
         if regress:
             reg = F.smooth_l1_loss(g[rows], h[rows[0], rows[1] + 1])
             loss = loss + cfg.decay ** s * (reg + cfg.ce_weight * dist)
             parts[f"reg{s + 1}"] = float(reg.detach())
         else:
             loss = loss + cfg.decay ** s * dist
-        acc.append((hits(lp, vocab, batch.greedy[rows[0], rows[1] + 1]) if measure else 0, rows[0].numel()))
+        acc.append((hits(logits, vocab, batch.greedy[rows[0], rows[1] + 1]) if measure else 0, rows[0].numel()))
     out = StepOut(loss, parts, acc)
     if want_drafts:
         S = cfg.unroll + 1

@@ -43,10 +43,10 @@ def train_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_dra
             acc.append((0, 0))
             continue
         b, t = rows[0][keep], rows[1][keep]
-        lp = F.log_softmax(head.lm_head(feats[keep, i]).float(), dim=-1)
-        part, parts[f"kl{i + 1}"] = labels.loss(b, t + i + 1, lp)
+        logits = head.lm_head(feats[keep, i])
+        part, parts[f"kl{i + 1}"] = labels.loss(b, t + i + 1, logits)
         loss = loss + cfg.decay ** i * part
-        acc.append((hits(lp, vocab, batch.greedy[b, t + i + 1]) if measure else 0, b.numel()))
+        acc.append((hits(logits, vocab, batch.greedy[b, t + i + 1]) if measure else 0, b.numel()))
     out = StepOut(loss, parts, acc)
     if want_drafts:
         b, t = sample_rows(torch.stack(w).all(0), cfg.adv.contexts)
