@@ -58,7 +58,7 @@ class Labels:
     The loss is the soft cross-entropy -sum p log q, which has the gradient of KL(p || q) (they differ by the
     constant entropy of p) at a fraction of the memory traffic; KL itself is reported as CE - H(p). Each (N, V)
     fp32 pass costs about as much as the head's matmuls here (memory-bound), so the labels take as few as they
-    can: the logits are turned into log-probs in place, and the entropy is a row dot product with no temporary."""
+    can: koala's C kernel turns the logits into probabilities in place and sums the entropy in the same pass."""
 
     def __init__(self, vocab: DraftVocab, hidden: torch.Tensor, need: torch.Tensor) -> None:
         rows = need.nonzero(as_tuple=True)

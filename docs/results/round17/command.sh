@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Round 17 on the Zen 5 host: the EAGLE K=1 head continued this round (docs/results/round17/train-eagle.sh) against
+# the round-3 head it started from (kept at ROUND3_EAGLE, e.g. `git show 4d8fcfd:heads/smollm2-135m/eagle/...`),
+# each in fp32 and bf16 against vanilla of the same dtype; koala's defaults (plan by measured cost, prompt lookup
+# first, gated). 26 Spec-Bench questions (2 per category), 128 new tokens, greedy, 2 threads, one run per question.
+set -e
+cd "$(dirname "$0")/../../.."
+H=heads/smollm2-135m
+OLD=${ROUND3_EAGLE:-/tmp/r17/eagle-round3}
+.venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
+  --max-new-tokens 128 --threads 2 --dtype float32 \
+  --method eagle-fp32=$H/eagle --method eagle-round3-fp32=$OLD \
+  --method vanilla-bf16=vanilla:dtype=bf16 --method eagle=$H/eagle:dtype=bf16 \
+  --method eagle-round3=$OLD:dtype=bf16 \
+  --out docs/results/round17/bench
