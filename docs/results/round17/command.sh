@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Round 17 on the Zen 5 host: the EAGLE K=1 head continued this round (docs/results/round17/train-eagle.sh) against
-# the round-3 head it started from (kept at ROUND3_EAGLE, e.g. `git show 4d8fcfd:heads/smollm2-135m/eagle/...`),
+# the round-3 head it started from (taken from git history into runs/eagle-round3),
 # each in fp32 and bf16 against vanilla of the same dtype; koala's defaults (plan by measured cost, prompt lookup
 # first, gated). 26 Spec-Bench questions (2 per category), 128 new tokens, greedy, 2 threads, one run per question.
 set -e
 cd "$(dirname "$0")/../../.."
 H=heads/smollm2-135m
-OLD=${ROUND3_EAGLE:-/tmp/r17/eagle-round3}
+OLD=runs/eagle-round3
+mkdir -p $OLD
+for f in config.json manifest.json model.safetensors; do
+  [ -f $OLD/$f ] || git show 4d8fcfd:$H/eagle/$f > $OLD/$f
+done
 .venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
   --max-new-tokens 128 --threads 2 --dtype float32 \
   --method eagle-fp32=$H/eagle --method eagle-round3-fp32=$OLD \
