@@ -1,11 +1,11 @@
 """The supervised pieces every head kind's training step uses: the target's distributions as labels (fp32, only
-where a loss reads them), the draft vocabulary's label side, agreement counts for acc@k, and the unroll mask."""
+where a loss reads them), the soft cross-entropy against them, the draft vocabulary's label side, agreement counts
+for acc@k, and the unroll mask."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from koala import cpu_kernels
 from koala.adversarial import Draft
@@ -90,7 +90,7 @@ class Labels:
 class SoftCrossEntropy(torch.autograd.Function):
     """Mean over rows of -sum_v p_v log softmax(z)_v for logits z of any float dtype and fp32 probabilities p,
     as logsumexp(z) - <p, z> (p sums to one): no (N, V) log-prob tensor is made or kept, and the backward writes
-    softmax(z) - p in three passes. Computed in fp32 outside autocast."""
+    softmax(z) - p (one pass each on koala's C kernels). Computed in fp32 outside autocast."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
