@@ -17,3 +17,10 @@ done
   --method vanilla-bf16=vanilla:dtype=bf16 --method eagle=$H/eagle:dtype=bf16 \
   --method eagle-round3=$OLD:dtype=bf16 \
   --out docs/results/round17/bench
+# The second fp32 run (docs/results/round17/bench-fp32/): the new head with its own plan, the round-3 head, and the
+# new head held to the round-3 head's plan.
+.venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
+  --max-new-tokens 128 --threads 2 --dtype float32 \
+  --method eagle-fp32=$H/eagle --method eagle-round3-fp32=$OLD \
+  --method eagle-fp32-d1=$H/eagle:tree=dynamic,depth=1,total_tokens=4 \
+  --out docs/results/round17/bench-fp32
