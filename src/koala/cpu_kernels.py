@@ -241,7 +241,8 @@ def soft_ce_rows(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(logsumexp(z), <p, z>) per row of CPU logits z (N, V; fp32/bf16/fp16) and fp32 probabilities p, in one
     read of each; None where the kernels are unavailable or the tensors do not fit them."""
     lib = library()
-    if lib is None or z.device.type != "cpu" or z.dtype not in KINDS or p.dtype != torch.float32 or z.dim() != 2:
+    if (lib is None or z.device.type != "cpu" or z.dtype not in KINDS or p.dtype != torch.float32 or z.dim() != 2
+            or p.shape != z.shape):
         return None
     z, p = z.contiguous(), p.contiguous()
     lse, pz = torch.empty(len(z)), torch.empty(len(z))
