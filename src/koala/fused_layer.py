@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from koala import cpu_kernels
-from koala.invariant_linear import use_invariant_linears
+from koala.invariant_linear import c_kernel, use_invariant_linears
 
 _PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
           "mlp.up_proj", "mlp.down_proj")
@@ -28,8 +28,8 @@ _PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
 def _linear(module: torch.nn.Module, kind: int) -> tuple[int, int | None]:
     """(packed weight, fp32 bias or None) pointers of a linear running on koala's C kernel with weights of `kind`,
     else KeyError."""
-    kernel = getattr(getattr(module, "forward", None), "kernel", None)
-    if getattr(kernel, "packed", None) is None or kernel.kind != kind:
+    kernel = c_kernel(module)
+    if kernel is None or kernel.kind != kind:
         raise KeyError("not on koala's linear kernel")
     return kernel.packed.data_ptr(), None if kernel.bias is None else kernel.bias.data_ptr()
 

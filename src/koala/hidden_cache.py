@@ -23,6 +23,7 @@ from koala.args import add_target_args, positive_int
 from koala.atomic import atomic_dir, write_json_atomic
 from koala.build import target_from_args
 from koala.data import ReadStats, read_conversations
+from koala.invariant_linear import c_kernel
 
 FORMAT = "koala-hidden-cache/2"
 SHARD_ARRAYS = ("hidden", "ids", "mask", "greedy", "offsets")
@@ -177,8 +178,8 @@ def greedy_from_hidden(target, hidden: torch.Tensor, mask: torch.Tensor) -> torc
 def _fp32_logits(target) -> Callable[[torch.Tensor], torch.Tensor]:
     """Rows of the target's dtype -> fp32 logits with fp32 accumulation. On koala's C kernel (it writes fp32 from
     bf16 rows: the same products, about 5x faster than an fp32 copy of the weight here), else an fp32 matmul."""
-    kernel = getattr(getattr(target.lm_head, "forward", None), "kernel", None)
-    if getattr(kernel, "packed", None) is not None:
+    kernel = c_kernel(target.lm_head)
+    if kernel is not None:
         return lambda h: kernel(h.to(target.dtype), torch.float32)
     w = target.lm_head.weight.float().T  # once per call, not per chunk
     return lambda h: h.to(w.device, torch.float32) @ w

@@ -89,6 +89,13 @@ def _forward(kernel: Kernel, block: int) -> Callable[[torch.Tensor], torch.Tenso
     return forward  # a closure, not a bound method: deep-copying the module copies no packed (opaque) weight
 
 
+def c_kernel(module: torch.nn.Module) -> Callable | None:
+    """The koala C kernel behind a linear `use_invariant_linears` patched (its `packed`, `kind` and `bias` are what
+    callers read), or None (not patched, or oneDNN / F.linear behind it)."""
+    kernel = getattr(getattr(module, "forward", None), "kernel", None)
+    return kernel if getattr(kernel, "packed", None) is not None else None
+
+
 @torch.inference_mode()
 def use_invariant_linears(model: torch.nn.Module) -> dict[tuple[int, int], int]:
     """Give every nn.Linear of a frozen CPU model (and every module that computes F.linear(x, self.weight) and says
