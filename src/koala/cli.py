@@ -13,7 +13,7 @@ from koala.args import add_drafter_args, add_sampling_args, add_target_args
 from koala.build import drafter_from_args, sampling_from_args, target_from_args
 
 COMMAND_MODULES = ("koala.cli", "koala.distill", "koala.hidden_cache", "koala.train.cli", "koala.chat",
-                   "koala.serve", "koala.bench", "koala.demo", "koala.export")
+                   "koala.serve", "koala.bench", "koala.calibrate", "koala.demo", "koala.export")
 
 
 def _generate(args: argparse.Namespace) -> int:

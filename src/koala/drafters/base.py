@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from koala.drafters.trees import Path, tree_paths
+from koala.drafters.trees import Acceptance, Path, tree_paths
 from koala.tree import DraftTree
 
 
@@ -51,7 +51,7 @@ class HeadDrafter(Drafter):
 
     def __init__(self, head: torch.nn.Module, tree: str | Sequence[Path] | None = None, depth: int | None = None,
                  top_k: int | None = None, total_tokens: int | None = None,
-                 acceptance: Sequence[float] | None = None) -> None:
+                 acceptance: Acceptance | None = None) -> None:
         self.head = head
         tree, self.depth, self.top_k = self.settings(head, tree, depth, top_k)
         self.total_tokens = total_tokens or 16

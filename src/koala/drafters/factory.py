@@ -10,6 +10,7 @@ from koala.drafters.gate import GatedDrafter
 from koala.drafters.hybrid import FirstOf
 from koala.drafters.plan import Plan, candidate_plans, choose_plan
 from koala.drafters.pld import PromptLookupDrafter
+from koala.drafters.trees import Acceptance, rank_table
 from koala.drafters.trees import Path as TreePath
 from koala.fused_layer import use_cpu_kernels
 from koala.heads.checkpoint import load_head
@@ -22,8 +23,19 @@ from koala.kinds import kind
 LOOKUP_MIN_NGRAM = 3
 
 
-def _acceptance(extra: dict, default: tuple[float, ...], path: str | Path) -> list[float]:
-    """Per-depth acceptance rates from the training manifest (clamped to (0.01, 0.99)), else the kind's defaults."""
+def _acceptance(extra: dict, default: tuple[float, ...], path: str | Path) -> Acceptance:
+    """The head's acceptance model: the per-depth, per-rank rates `koala calibrate` measured in the decode loop,
+    else the per-depth rates from its training manifest (clamped to (0.01, 0.99)), else the kind's defaults."""
+    table = extra.get("rank_acceptance")
+    if table is not None:
+        try:
+            if not isinstance(table, list) or not table or not all(isinstance(row, list) for row in table):
+                raise ValueError("it must be a non-empty list of lists")
+            rank_table(table, len(table), 1)
+        except ValueError as e:
+            raise ValueError(f"{path}/config.json: extra.rank_acceptance is not a table of per-depth, per-rank rates "
+                             f"({e}); run `koala calibrate {path}` again.") from None
+        return table
     rates = extra.get("acceptance")
     if rates is None:
         return list(default)
@@ -45,7 +57,8 @@ def _total_tokens(value: int | str | None) -> int | None:
     return size
 
 
-def _lookup(min_ngram: int) -> PromptLookupDrafter:
+def lookup_drafter(min_ngram: int) -> PromptLookupDrafter:
+    """Prompt lookup as koala drafts with it before a head: n-grams of at least `min_ngram` tokens."""
     return PromptLookupDrafter(min_ngram=min_ngram, max_ngram=max(3, min_ngram))
 
 
@@ -91,12 +104,12 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
         plan = choose_plan(target, plans, build, lambda: _file_hash(Path(path) / WEIGHTS), top_k, acceptance)
         if plan.tree == "none":
             if lookup:
-                return _lookup(lookup)
+                return lookup_drafter(lookup)
             plain = Drafter()
             plain.name, plain.plan = cls.name, plan
             return plain
         drafter = build(plan)
     drafter.plan = plan
     if lookup:
-        drafter = FirstOf([_lookup(lookup), drafter])
+        drafter = FirstOf([lookup_drafter(lookup), drafter])
     return GatedDrafter(drafter) if gate else drafter

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from koala.drafters.base import HeadDrafter
-from koala.drafters.trees import Candidates, Path, grow
+from koala.drafters.trees import Acceptance, Candidates, Path, grow
 from koala.heads.medusa import MedusaHead
 from koala.tree import DraftTree
 
@@ -22,7 +22,7 @@ class MedusaDrafter(HeadDrafter):
 
     def __init__(self, head: MedusaHead, tree: str | Sequence[Path] | None = None, depth: int | None = None,
                  top_k: int | None = None, total_tokens: int | None = None,
-                 acceptance: Sequence[float] | None = None) -> None:
+                 acceptance: Acceptance | None = None) -> None:
         heads = head.cfg.num_heads
         super().__init__(head, tree, heads if depth is None else min(depth, heads), top_k, total_tokens, acceptance)
         if self.paths is not None and max(len(p) for p in self.paths) > heads:

@@ -26,7 +26,7 @@ import torch
 
 from koala import cpu_kernels
 from koala.atomic import write_json_atomic
-from koala.drafters.trees import expected_accepted
+from koala.drafters.trees import Acceptance, expected_accepted
 from koala.home import cache_dir
 from koala.invariant_linear import bf16_backend
 from koala.target import Target, device_name, sync
@@ -210,7 +210,7 @@ def draft_profile(target: Target, head_key: str, build: Callable[[Plan], object]
     return dict(timings.seconds)
 
 
-def expected_tokens(plan: Plan, top_k: int, acceptance: Sequence[float]) -> float:
+def expected_tokens(plan: Plan, top_k: int, acceptance: Acceptance) -> float:
     """Tokens one step yields on average under the acceptance model: the target's own token plus accepted drafts."""
     if plan.tree == "none":
         return 1.0
@@ -225,7 +225,7 @@ def _verified(plan: Plan) -> int:
 
 
 def best_plan(plans: Sequence[Plan], latency: dict[int, float], draft: dict[Plan, float], top_k: int,
-              acceptance: Sequence[float], margin: float = PLAN_MARGIN) -> Plan:
+              acceptance: Acceptance, margin: float = PLAN_MARGIN) -> Plan:
     """The smallest plan (fewest verified tokens, then shallowest; the earlier on a tie) whose expected tokens per
     second are within `margin` of the best.
 
@@ -267,7 +267,7 @@ def candidate_plans(shapes: Sequence[str], depths: Sequence[int], top_k: int,
 
 
 def choose_plan(target: Target, plans: Sequence[Plan], build: Callable[[Plan], object],
-                head_key: Callable[[], str], top_k: int, acceptance: Sequence[float]) -> Plan:
+                head_key: Callable[[], str], top_k: int, acceptance: Acceptance) -> Plan:
     """The best of `plans` on this device: verify and draft costs measured (or read from the cache). `head_key`
     names the head for the draft profile; it is only called when there is a choice to make."""
     if len(plans) == 1:

@@ -5,10 +5,12 @@ A static tree is a Medusa-style list of paths of sibling ranks: (0,) is the best
 Drafters plug in through an `Expand` callback that returns the top-k children (target ids and log-probs) of a
 batch of same-depth nodes; -1 stands for the root (the pending token).
 
-Static shapes and the "auto" tree size use one acceptance model: at depth d the target's next token is the draft's
-rank-r candidate with probability a_d * (1 - a_d)**r, so a node is accepted with the product of those along its
-path, and the expected accepted draft tokens of a tree is the sum over its nodes. The best tree of n nodes is the n
-most likely nodes (a node is never more likely than its parent or its better-ranked sibling, so that set is a tree).
+Static shapes and the "auto" tree size use one acceptance model: q[d][r], the probability that the target's next
+token at depth d+1 is the draft's rank-r candidate given the parent was accepted. It is either measured in the
+decode loop (`koala calibrate`: a per-depth list of per-rank rates) or guessed from per-depth top-1 rates a_d as
+a_d * (1 - a_d)**r. A node is accepted with the product of q along its path, and the expected accepted draft tokens
+of a tree is the sum over its nodes. The best tree of n nodes is the n most likely nodes (q is made non-increasing
+in rank, so a node is never more likely than its parent or its better-ranked sibling, and that set is a tree).
 """
 from __future__ import annotations
 
@@ -32,35 +34,55 @@ def chain(depth: int) -> list[Path]:
     return [(0,) * d for d in range(1, depth + 1)]
 
 
-def _rate(acceptance: Sequence[float], depth: int) -> float:
-    return float(acceptance[min(depth, len(acceptance)) - 1])
+# per-depth top-1 rates, or per-depth lists of per-rank rates (measured)
+Acceptance = Sequence[float] | Sequence[Sequence[float]]
 
 
-def best_nodes(total_tokens: int, depth: int, top_k: int, acceptance: Sequence[float]) -> list[tuple[float, Path]]:
+def rank_table(acceptance: Acceptance, depth: int, top_k: int) -> list[list[float]]:
+    """q[d][r] for d < depth, r < top_k (see the module docstring). Depths past the given ones repeat the last;
+    measured ranks past the given ones are 0."""
+    if not acceptance:
+        raise ValueError("need at least one acceptance rate")
+    if all(isinstance(a, (int, float)) for a in acceptance):
+        if any(not 0 < a < 1 for a in acceptance):
+            raise ValueError(f"acceptance rates must lie strictly between 0 and 1, got {list(acceptance)}")
+        rows = [[a * (1 - a) ** r for r in range(top_k)] for a in acceptance]
+    else:
+        rows = []
+        for row in acceptance:
+            if (isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not row
+                    or not all(isinstance(q, (int, float)) and 0 <= q <= 1 for q in row) or sum(row) > 1 + 1e-6):
+                raise ValueError(f"a measured acceptance row must list per-rank rates in [0, 1] summing to at most "
+                                 f"1, got {row!r}")
+            padded = [float(q) for q in row[:top_k]] + [0.0] * (top_k - len(row))
+            rows.append([min(padded[:r + 1]) for r in range(top_k)])  # non-increasing in rank
+    return [rows[min(d, len(rows) - 1)] for d in range(depth)]
+
+
+def best_nodes(total_tokens: int, depth: int, top_k: int, acceptance: Acceptance) -> list[tuple[float, Path]]:
     """The `total_tokens` most likely (probability, path) nodes under the acceptance model, best first."""
-    if total_tokens < 1 or depth < 1 or top_k < 1 or not acceptance:
-        raise ValueError("need total_tokens, depth, top_k >= 1 and at least one acceptance rate")
-    if any(not 0 < a < 1 for a in acceptance):
-        raise ValueError(f"acceptance rates must lie strictly between 0 and 1, got {list(acceptance)}")
-    heap = [(-_rate(acceptance, 1), (0,))]
+    if total_tokens < 1 or depth < 1 or top_k < 1:
+        raise ValueError("need total_tokens, depth and top_k >= 1")
+    q = rank_table(acceptance, depth, top_k)
+    heap = [(-q[0][0], (0,), 1.0)]  # (-probability, path, the parent's probability)
     out: list[tuple[float, Path]] = []
     while heap and len(out) < total_tokens:
-        neg, path = heapq.heappop(heap)
+        neg, path, parent = heapq.heappop(heap)
         out.append((-neg, path))
-        a = _rate(acceptance, len(path))
+        level = len(path) - 1
         if path[-1] + 1 < top_k:  # next sibling
-            heapq.heappush(heap, (neg * (1 - a), path[:-1] + (path[-1] + 1,)))
+            heapq.heappush(heap, (-parent * q[level][path[-1] + 1], path[:-1] + (path[-1] + 1,), parent))
         if len(path) < depth:  # best child
-            heapq.heappush(heap, (neg * _rate(acceptance, len(path) + 1), path + (0,)))
+            heapq.heappush(heap, (neg * q[level + 1][0], path + (0,), -neg))
     return out
 
 
-def static_tree(total_tokens: int, depth: int, top_k: int, acceptance: Sequence[float]) -> list[Path]:
+def static_tree(total_tokens: int, depth: int, top_k: int, acceptance: Acceptance) -> list[Path]:
     """The best static tree of `total_tokens` nodes (sorted parents first) for the given per-depth acceptance."""
     return sort_paths([p for _, p in best_nodes(total_tokens, depth, top_k, acceptance)])
 
 
-def expected_accepted(total_tokens: int, depth: int, top_k: int, acceptance: Sequence[float]) -> float:
+def expected_accepted(total_tokens: int, depth: int, top_k: int, acceptance: Acceptance) -> float:
     """Expected accepted draft tokens per step (tau - 1) of the best tree of that size, under the model."""
     return sum(v for v, _ in best_nodes(total_tokens, depth, top_k, acceptance))
 
@@ -142,7 +164,7 @@ TREES = ("chain", "static", "dynamic")
 
 
 def tree_paths(tree: str | Sequence[Path], depth: int, top_k: int, total_tokens: int,
-               acceptance: Sequence[float]) -> list[Path] | None:
+               acceptance: Acceptance) -> list[Path] | None:
     """The paths for a drafter's --tree: fixed paths for chain/static/an explicit list, None for dynamic."""
     if not isinstance(tree, str):
         return list(tree)
