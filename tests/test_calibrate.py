@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_target
 from test_bench import write_questions
 from test_drafters_medusa import PROMPT, random_head
+from test_eagle3 import eagle3_head
 
 from koala.calibrate import GUESS, Counts, Tally, calibration_questions, measure, tally
 from koala.cli import main
@@ -92,6 +93,12 @@ def test_counts_in_the_loop_agree_with_the_loops_own_acceptance(llama_target):
     assert sum(map(sum, counts.accepted)) == sum(accepted)  # every accepted node counted once, at its depth
     assert [sum(counts.accepted[d]) for d in range(3)] == [sum(a > d for a in accepted) for d in range(3)]
     assert counts.accepted[0][1] and counts.accepted[0][2] and 0 < sum(counts.accepted[1]) < counts.steps
+
+
+def test_tally_hands_an_eagle3_head_the_layers_it_reads(llama_target, tmp_path):
+    save_head(eagle3_head(llama_target), tmp_path / "e3")
+    inner = drafter_for_head(tmp_path / "e3", llama_target, tree="chain", depth=2, gate=False, lookup=0)
+    assert inner.feature_layers and Tally(inner, Counts()).feature_layers == inner.feature_layers
 
 
 class AlwaysOne(Drafter):

@@ -95,6 +95,10 @@ class Tally(Drafter):
         self.inner, self.counts, self.name = inner, counts, inner.name
         self.tree: DraftTree | None = None
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:  # an EAGLE-3 head must still get the layers it reads
+        return self.inner.feature_layers
+
     def reset(self, prompt_ids: list[int]) -> None:
         self.inner.reset(prompt_ids)
         self.tree = None
