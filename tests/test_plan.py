@@ -33,6 +33,10 @@ def test_a_larger_plan_must_win_clearly():
     assert rate[small] < rate[large] < rate[small] / (1 - 0.03)  # the model puts the 12-node tree ahead, barely
     assert best_plan([NO_DRAFT, small, large], latency, draft, 4, acceptance, margin=0.0) == large
     assert best_plan([NO_DRAFT, large, small], latency, draft, 4, acceptance) == small
+    # with acceptance as the loop measured it (the shipped EAGLE head's calibration, round 18) the 4-node tree wins
+    # outright: the second-best candidate is accepted 0.11 of the time, not the 0.25 the guess from 0.43 gives
+    measured = [[0.376, 0.107, 0.068, 0.042], [0.403, 0.119, 0.084, 0.017]]
+    assert best_plan([NO_DRAFT, small, large], latency, draft, 4, measured, margin=0.0) == small
     # a clear win still goes to the larger tree
     assert best_plan([NO_DRAFT, small, large], latency, {small: 0.0141, large: 0.0088}, 4, acceptance) == large
     # and a drafting plan that beats plain decoding by less than the margin is not worth its risk either
