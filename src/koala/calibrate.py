@@ -165,6 +165,7 @@ def save(head_path: str | Path, table: list[list[float]], about: dict) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from koala.build import target_from_args
+    from koala.drafters.factory import LOOKUP_MIN_NGRAM
 
     target = target_from_args(args)
     questions = calibration_questions(args.questions, args.skip_per_category, args.limit_per_category)
@@ -178,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
         rates = " ".join(f"{q:.3f}" for q in row)
         print(f"depth {d + 1}: {rates}  (parent accepted {reached[0]} times)")
     about = {"questions": str(args.questions), "prompts": len(prompts), "skip_per_category": args.skip_per_category,
-             "max_new_tokens": args.max_new_tokens, "nodes": args.nodes, "lookup": args.lookup,
+             "max_new_tokens": args.max_new_tokens, "nodes": args.nodes,
+             "lookup": LOOKUP_MIN_NGRAM if args.lookup is None else args.lookup,
              "trees": counts.steps, "dtype": str(target.dtype).replace("torch.", ""),
              "seconds": round(time.perf_counter() - start, 1)}
     if args.dry_run:
