@@ -10,7 +10,8 @@ from test_bench import write_questions
 from test_drafters_medusa import PROMPT, random_head
 from test_eagle3 import eagle3_head
 
-from koala.calibrate import GUESS, Counts, Tally, calibration_questions, measure, tally
+from koala.bench import load_questions
+from koala.calibrate import GUESS, Counts, Tally, measure, tally
 from koala.cli import main
 from koala.decode import Stats, stream_tokens
 from koala.drafters.base import Drafter
@@ -117,9 +118,10 @@ def test_measure_drafts_the_calibration_tree_with_lookup_first(llama_target, tmp
 
 def test_calibration_questions_leave_out_the_bench_ones(tmp_path):
     qfile = write_questions(tmp_path / "q.jsonl")
-    assert [q["question_id"] for q in calibration_questions(qfile, 1, 5)] == [2]
+    assert [q["question_id"] for q in load_questions(qfile, 5, skip_per_category=1)[0]] == [2]
+    assert [q["question_id"] for q in load_questions(qfile, 1)[0]] == [1, 3]  # the bench's, unchanged
     with pytest.raises(ValueError, match="skip-per-category"):
-        calibration_questions(qfile, 2, 1)
+        load_questions(qfile, 1, skip_per_category=2)
 
 
 def test_cli_stores_the_table_and_the_factory_prefers_it(saved_tiny_dir, tmp_path, monkeypatch):

@@ -171,8 +171,10 @@ def build_runner(spec: MethodSpec, target: Target) -> Runner:
     return _koala_runner(target, drafter)
 
 
-def load_questions(path: str | Path, limit_per_category: int | None = None) -> tuple[list[dict], int]:
-    """MT-bench-form questions ({"question_id","category","turns":[...]}), the first N per category.
+def load_questions(path: str | Path, limit_per_category: int | None = None,
+                   skip_per_category: int = 0) -> tuple[list[dict], int]:
+    """MT-bench-form questions ({"question_id","category","turns":[...]}): per category, the first
+    `limit_per_category` after the first `skip_per_category`.
 
     Returns (questions, number of malformed lines skipped)."""
     path = Path(path)
@@ -195,10 +197,14 @@ def load_questions(path: str | Path, limit_per_category: int | None = None) -> t
                 bad += 1
                 continue
             cat = str(q.get("category", "default"))
-            if limit_per_category is not None and seen[cat] >= limit_per_category:
-                continue
             seen[cat] += 1
+            if seen[cat] <= skip_per_category or (limit_per_category is not None
+                                                  and seen[cat] > skip_per_category + limit_per_category):
+                continue
             questions.append({"question_id": q.get("question_id", len(questions)), "category": cat, "turns": turns})
+    if not questions and skip_per_category and seen:
+        raise ValueError(f"{path} has no questions past the first {skip_per_category} of a category; lower "
+                         f"--skip-per-category.")
     if not questions:
         raise ValueError(f"{path} holds no usable questions ({bad} malformed lines); each line needs "
                          '{"question_id", "category", "turns": ["..."]}.')

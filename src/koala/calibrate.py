@@ -114,23 +114,6 @@ class Tally(Drafter):
         self.inner.observe(hidden, next_ids)
 
 
-def calibration_questions(path: str | Path, skip: int, take: int) -> list[dict]:
-    """Questions `skip`..`skip + take - 1` of each category: with skip 2, none of `koala bench --limit-per-category
-    2`'s questions, so the bench does not judge a plan on the text that chose it."""
-    from koala.bench import load_questions
-
-    questions, _ = load_questions(path)
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for q in questions:
-        seen[q["category"]] += 1
-        if skip < seen[q["category"]] <= skip + take:
-            out.append(q)
-    if not out:
-        raise ValueError(f"{path} has no questions past the first {skip} of a category; lower --skip-per-category.")
-    return out
-
-
 def measure(target, head_path: str | Path, prompts: list[list[int]], max_new_tokens: int = 128,
             nodes: int = NODES, lookup: int | None = None, progress: bool = True) -> Counts:
     """Decode `prompts` greedily with the head drafting a static tree of `nodes` nodes (prompt lookup first unless
@@ -164,11 +147,12 @@ def save(head_path: str | Path, table: list[list[float]], about: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from koala.bench import load_questions
     from koala.build import target_from_args
     from koala.drafters.factory import LOOKUP_MIN_NGRAM
 
     target = target_from_args(args)
-    questions = calibration_questions(args.questions, args.skip_per_category, args.limit_per_category)
+    questions, _ = load_questions(args.questions, args.limit_per_category, args.skip_per_category)
     prompts = [target.encode(q["turns"][0], chat=True) for q in questions]
     start = time.perf_counter()
     counts = measure(target, args.head, prompts, args.max_new_tokens, args.nodes, args.lookup)
@@ -198,7 +182,8 @@ def add_command(sub) -> None:
     p.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl",
                    help="MT-bench-form questions (default: Spec-Bench)")
     p.add_argument("--skip-per-category", type=non_negative_int, default=2,
-                   help="leave out the first N of each category (default 2: the ones `koala bench` uses)")
+                   help="leave out the first N of each category (default 2: the ones `koala bench "
+                        "--limit-per-category 2` uses, so the bench does not judge a plan on the text that chose it)")
     p.add_argument("--limit-per-category", type=positive_int, default=2)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--nodes", type=positive_int, default=NODES, help="nodes of the calibration tree")
