@@ -56,7 +56,8 @@ def bench_train(target, cache, spec: str, steps: int, batch: int, draft_vocab: i
             cache.batch = orig
         total = time.perf_counter() - t0
     timed = max(manifest["train_seconds"] - (first["t1"] - first["t"]), 1e-9)
-    return {"config": spec, "bf16": bf16, "draft_vocab": cfg.draft_vocab, "steps": steps, "batch": batch,
+    return {"config": spec, "bf16": manifest["autocast_bf16"], "draft_vocab": cfg.draft_vocab, "steps": steps,
+            "batch": batch,
             "tokens_per_s": round(tokens / timed, 1), "s_per_step": round(timed / (steps - 1), 2),
             "head_MB_fp16": round(manifest["head_bytes"] / 1e6, 2), "wall_s": round(total, 1)}
 

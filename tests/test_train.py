@@ -319,3 +319,28 @@ def test_init_from_target_starts_eagle_layers_as_the_targets_last(llama_target, 
         torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=1e-3, msg=name)  # saved in fp16
     with pytest.raises(ValueError, match="no layers shaped"):
         train(llama_target, cache, tmp_path / "b", small_cfg(init_from_target=True), progress=False)
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_bf16_autocast_only_where_the_cpu_multiplies_bf16(llama_target, tmp_path, monkeypatch, units):
+    """--bf16 on a CPU without bf16 units trains in fp32 with a warning (emulated bf16 ran ~45x slower)."""
+    import warnings
+
+    import koala.train.loop as loop
+
+    seen = []
+    real = torch.autocast
+
+    def spy(*args, **kw):
+        seen.append(kw.get("enabled", True))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "bf16_units", lambda: units)
+    monkeypatch.setattr(loop.torch, "autocast", spy)
+    source = online(llama_target, distilled(tmp_path, llama_target, n=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = train(llama_target, source, tmp_path / "run", small_cfg(max_steps=2, bf16=True), progress=False)
+    warned = [w for w in caught if "no bf16 units" in str(w.message)]
+    assert len(warned) == (0 if units else 1)
+    assert manifest["autocast_bf16"] is units and seen[0] is units  # the step's autocast; the losses' turn it off

@@ -43,7 +43,8 @@ class TrainConfig:
     eval_every: int = option(100, "steps between held-out evaluations", positive_int)
     log_every: int = option(10, "steps between metric rows", positive_int)
     save_every: int = option(100, "steps between checkpoints", positive_int)
-    bf16: bool = option(False, "bf16 autocast on CPU too (always on with CUDA); ~2x faster with AMX/AVX512-BF16")
+    bf16: bool = option(False, "bf16 autocast on CPU too (always on with CUDA): ~2x faster with AMX or "
+                                "AVX-512 BF16; ignored, with a warning, on CPUs without them")
 
     def __post_init__(self) -> None:
         kind(self.head)
