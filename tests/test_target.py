@@ -71,8 +71,27 @@ def test_auto_dtype_is_bf16_only_for_commands_that_draft_with_a_head(saved_tiny_
                               head="some/head")
     drafting = target_from_args(args)
     assert drafting.dtype == torch.bfloat16 and drafting.model.config._attn_implementation == "koala_exact"
-    assert target_from_args(args, verifies=False).dtype == torch.float32  # train / distill / export
     assert target_from_args(argparse.Namespace(**{**vars(args), "head": None})).dtype == torch.float32
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_auto_dtype_of_wide_work_follows_the_bf16_units(saved_tiny_dir, monkeypatch, units):
+    """distill / cache / train / export (wide batches, compute-bound): bf16 only on a CPU that multiplies bf16, even
+    where plain decoding would pick the other dtype."""
+    import argparse
+
+    from koala import target as target_module
+    from koala.build import target_from_args
+
+    monkeypatch.setattr(target_module, "bf16_units", lambda: units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units)  # AMX: plain decoding picks fp32
+    monkeypatch.setattr(target_module, "bf16_backend", lambda: "koala")  # AVX2: plain decoding picks bf16
+    args = argparse.Namespace(target=str(saved_tiny_dir), device="cpu", dtype="auto", trust_remote_code=False,
+                              head=None)
+    assert target_from_args(args, verifies=False).dtype == (torch.bfloat16 if units else torch.float32)
+    assert target_from_args(args).dtype == (torch.float32 if units else torch.bfloat16)
+    assert resolve_dtype("auto", "cuda", wide=True) == torch.bfloat16
+    assert resolve_dtype("fp32", "cpu", wide=True) == torch.float32
 
 
 @pytest.mark.parametrize("backend, want", [("koala", torch.bfloat16), ("onednn", torch.float32),

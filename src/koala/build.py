@@ -13,8 +13,10 @@ from koala.target import Target, load_target, resolve_dtype
 def target_from_args(args: argparse.Namespace, verifies: bool = True) -> Target:
     """The --target in the --dtype asked for. verifies=False for commands that never verify drafts (distill,
     cache, train, export): they keep SDPA in bf16 (koala.exact_attention only costs them time), and their "auto"
-    dtype is the plain one. Commands that verify and were given a --head get bf16 for "auto" on AMX CPUs."""
-    dtype = resolve_dtype(args.dtype, args.device, drafting=verifies and bool(getattr(args, "head", None)))
+    dtype is the one for wide batches (bf16 where the CPU multiplies bf16, else fp32). Commands that verify and were
+    given a --head get bf16 for "auto" on AMX CPUs."""
+    dtype = resolve_dtype(args.dtype, args.device, drafting=verifies and bool(getattr(args, "head", None)),
+                          wide=not verifies)
     return load_target(args.target, args.device, dtype, args.trust_remote_code, exact_attention=verifies)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from koala.cpu_kernels import bf16_units
 from koala.home import cache_dir
 from koala.invariant_linear import amx_bf16, bf16_backend
 from koala.kvcache import ReservedCache
@@ -118,16 +119,23 @@ def _load_dir(name: str, dtype: torch.dtype, local_only: bool, trust_remote_code
     return model, tokenizer
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool = False) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str, drafting: bool = False,
+                  wide: bool = False) -> torch.dtype:
     """--dtype to a torch dtype. "auto": bf16 on GPUs. On AMX CPUs float32 for plain decoding (its one-token step is
     the fastest) and bf16 when a head drafts (wide verifies nearly free). On CPUs where bf16 linears run on koala's
     C kernel (x86 without AMX, e.g. AMD EPYC) bf16 for both: it reads half the bytes of fp32 (T(1) 48 vs 83 ms on an
-    AVX2 EPYC, 9 vs 16 ms on a Zen 5). Elsewhere float32. Measured in docs/benchmark.md."""
+    AVX2 EPYC, 9 vs 16 ms on a Zen 5). Elsewhere float32. Measured in docs/benchmark.md.
+
+    wide=True is work made of wide batches only (distill, cache, train): compute-bound, so bf16 only where the CPU
+    multiplies bf16 in hardware (AMX, AVX-512 BF16), else float32 (teacher-forced prefill: 1,700 vs 530 tok/s on an
+    AMX Xeon; 257 vs 340 tok/s on an AVX2 EPYC, where bf16 products are widened to fp32 first)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
         if device != "cpu":
             return torch.bfloat16
+        if wide:
+            return torch.bfloat16 if bf16_units() else torch.float32
         if amx_bf16():
             return torch.bfloat16 if drafting else torch.float32
         return torch.bfloat16 if bf16_backend() == "koala" else torch.float32
