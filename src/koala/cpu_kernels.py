@@ -48,12 +48,6 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
-def bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Without them torch emulates bf16
-    matmuls: bf16 autocast made head training ~45x slower on an AVX2-only AMD EPYC (44 vs 1,965 tok/s)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
-
-
 def _flag_sets() -> list[tuple[str, ...]]:
     """The builds to try on this CPU, best first: AVX-512 (with BF16) where it has them, then AVX2."""
     wide = AVX512_CPU <= _cpu_flags() and os.environ.get("KOALA_AVX512", "1") != "0"

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from koala.cpu_kernels import bf16_units
 from koala.home import cache_dir
-from koala.invariant_linear import amx_bf16, bf16_backend
+from koala.invariant_linear import amx_bf16, bf16_backend, bf16_units
 from koala.kvcache import ReservedCache
 
 DEFAULT_TARGET = "smollm2"

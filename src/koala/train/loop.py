@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from koala.adversarial import Discriminator, d_loss, g_loss
-from koala.cpu_kernels import bf16_units
 from koala.heads import HeadConfig, draft_vocab_from_counts
 from koala.heads.checkpoint import build_head, load_head, save_head
 from koala.hidden_cache import Batch, HiddenCache
+from koala.invariant_linear import bf16_units
 from koala.kinds import kind
 from koala.losses import DraftVocab, StepOut
 from koala.train.checkpoint import CKPT, load_checkpoint, save_checkpoint
