@@ -53,7 +53,7 @@ def test_open_shape_may_choose_no_drafting(llama_target, tmp_path, monkeypatch, 
     save_head(random_head(llama_target, "eagle", 1), tmp_path / "e", extra={"acceptance": [0.9, 0.9]})
     flat = {n: 0.01 for n in range(65)}
     monkeypatch.setattr(plan, "latency_profile", lambda target, sizes: flat)
-    monkeypatch.setattr(plan, "draft_profile", lambda target, key, build, plans: {p: draft_seconds for p in plans})
+    monkeypatch.setattr(plan, "draft_profile", lambda target, key, build, plans, plain: {p: draft_seconds for p in plans})
     drafter = drafter_for_head(tmp_path / "e", llama_target, top_k=1, lookup=0)
     assert drafter.plan.tree == expected
     if expected == "none":

@@ -107,3 +107,33 @@ def test_spread_reports_how_far_runs_strayed(monkeypatch):
 def test_too_short_context_is_a_clear_error(llama_target):
     with pytest.raises(ValueError, match="too short"):
         plan_mod.measure_latency(llama_target, sizes=(300,))
+
+
+def test_draft_costs_are_read_on_the_verify_profiles_clock(llama_target, tmp_path, monkeypatch, capsys):
+    """Round 20: an EAGLE-KOALA head's draft profile was taken in a slow spell of the VM, evenly slow (spread 1.20,
+    so it was saved): 8.1 ms a step instead of 2.3, and the planner dropped a head that pays. The plain forward
+    timed beside the head puts the costs back on the verify profile's clock."""
+    monkeypatch.setenv("KOALA_HOME", str(tmp_path))
+    small = Plan("dynamic", 1, 4)
+    latency = {0: 0.0176, 4: 0.0193}  # the verify profile, taken on an idle machine
+    acceptance = [[0.3646, 0.1177, 0.0646, 0.0458]]  # that head's calibration
+    slow = plan_mod.Timings({small: 0.0081, plan_mod.REFERENCE: 3.5 * 0.0176}, spread=1.1)
+    calls = []
+    monkeypatch.setattr(plan_mod, "measure_draft", lambda *a, **k: calls.append(1) or
+                        plan_mod.Timings(dict(slow.seconds), slow.spread))
+    draft = plan_mod.draft_profile(llama_target, "head", None, [small], plain=latency[0])
+    assert draft[small] == pytest.approx(0.0081 / 3.5)
+    assert "3.50x its verify profile" in capsys.readouterr().err
+    assert best_plan([NO_DRAFT, small], latency, draft, 4, acceptance) == small
+    assert best_plan([NO_DRAFT, small], latency, {small: 0.0081}, 4, acceptance) == NO_DRAFT  # read as measured
+    # the saved profile keeps the raw seconds and its reference, and is read on the clock of the day
+    assert plan_mod.draft_profile(llama_target, "head", None, [small], plain=2 * latency[0]) == \
+        {small: pytest.approx(2 * 0.0081 / 3.5)} and len(calls) == 1
+    # a profile saved without a reference (before round 20) is measured again
+    [file] = (tmp_path / "plans").glob("draft-*.json")
+    data = json.loads(file.read_text())
+    del data["seconds"][plan_mod.REFERENCE]
+    file.write_text(json.dumps(data))
+    plan_mod.draft_profile(llama_target, "head", None, [small], plain=latency[0])
+    assert len(calls) == 2
+

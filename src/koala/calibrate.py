@@ -121,12 +121,11 @@ def measure(target, head_path: str | Path, prompts: list[list[int]], max_new_tok
     from koala.decode import stream_tokens
     from koala.drafters.factory import LOOKUP_MIN_NGRAM, drafter_for_head, lookup_drafter
     from koala.drafters.trees import static_tree
-    from koala.heads.checkpoint import load_head
+    from koala.heads.checkpoint import read_config
     from koala.kinds import kind
 
-    head = load_head(head_path, target)
-    cls = kind(head.cfg.kind).drafter
-    _, depth, top_k = cls.settings(head)
+    cfg, _ = read_config(head_path)  # the tree needs only the config; drafter_for_head loads the weights once
+    _, depth, top_k = kind(cfg.kind).drafter.settings(cfg)
     paths = static_tree(nodes, depth, top_k, GUESS)
     inner = drafter_for_head(head_path, target, tree=paths, gate=False, lookup=0)
     counts = Counts()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from koala.drafters.trees import Acceptance, Path, tree_paths
+from koala.heads.config import HeadConfig
 from koala.tree import DraftTree
 
 
@@ -53,27 +54,28 @@ class HeadDrafter(Drafter):
                  top_k: int | None = None, total_tokens: int | None = None,
                  acceptance: Acceptance | None = None) -> None:
         self.head = head
-        tree, self.depth, self.top_k = self.settings(head, tree, depth, top_k)
+        tree, self.depth, self.top_k = self.settings(head.cfg, tree, depth, top_k)
         self.total_tokens = total_tokens or 16
         self.tree = tree if isinstance(tree, str) else "static"  # the tree's shape: chain, static or dynamic
         self.paths = tree_paths(tree, self.depth, self.top_k, self.total_tokens, acceptance or self.default_acceptance)
         self.reset([])
 
     @classmethod
-    def settings(cls, head: torch.nn.Module, tree: str | Sequence[Path] | None = None, depth: int | None = None,
+    def settings(cls, cfg: HeadConfig, tree: str | Sequence[Path] | None = None, depth: int | None = None,
                  top_k: int | None = None) -> tuple[str | Sequence[Path], int, int]:
-        """(tree, depth, top_k) with the kind's defaults for the ones left None, checked against the head."""
+        """(tree, depth, top_k) with the kind's defaults for the ones left None, checked against the head's config
+        (no weights needed, so a caller can plan before loading them)."""
         tree = tree or cls.defaults["tree"]
-        depth = depth if depth is not None else cls.defaults.get("depth") or head.cfg.num_heads
+        depth = depth if depth is not None else cls.defaults.get("depth") or cfg.num_heads
         top_k = top_k if top_k is not None else cls.defaults["top_k"]
         if depth < 1 or top_k < 1:
             raise ValueError(f"--depth and --top-k-draft must be >= 1 (got {depth}, {top_k}).")
-        limit = cls.max_depth(head)
+        limit = cls.max_depth(cfg)
         if limit is not None and depth > limit:
-            raise ValueError(f"--depth {depth} is deeper than this {head.cfg.kind} head can draft ({limit}).")
+            raise ValueError(f"--depth {depth} is deeper than this {cfg.kind} head can draft ({limit}).")
         return tree, depth, top_k
 
     @staticmethod
-    def max_depth(head: torch.nn.Module) -> int | None:
+    def max_depth(cfg: HeadConfig) -> int | None:
         """The deepest tree this head can draft (None: no limit)."""
         return None

@@ -86,7 +86,7 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
     if target.device.type == "cpu":  # the same kernels as the target: faster than torch's at a draft step's rows
         use_cpu_kernels(head)
     cls = kind(head.cfg.kind).drafter
-    _, full_depth, top_k = cls.settings(head, tree, depth, top_k)  # checks what was given; fills the defaults
+    _, full_depth, top_k = cls.settings(head.cfg, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)
     size = _total_tokens(total_tokens)
 

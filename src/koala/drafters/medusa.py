@@ -11,6 +11,7 @@ import torch
 
 from koala.drafters.base import HeadDrafter
 from koala.drafters.trees import Acceptance, Candidates, Path, grow
+from koala.heads.config import HeadConfig
 from koala.heads.medusa import MedusaHead
 from koala.tree import DraftTree
 
@@ -29,8 +30,8 @@ class MedusaDrafter(HeadDrafter):
             raise ValueError(f"The tree is deeper than the head's {heads} Medusa heads.")
 
     @staticmethod
-    def max_depth(head: MedusaHead) -> int:
-        return head.cfg.num_heads  # head i drafts depth i+1
+    def max_depth(cfg: HeadConfig) -> int:
+        return cfg.num_heads  # head i drafts depth i+1
 
     def reset(self, prompt_ids: list[int]) -> None:
         self.logp = None

@@ -9,7 +9,8 @@ whenever the caller left the tree shape open, so a head is used only where the m
 
 Timings are cached under the koala cache dir per device + model (+ head) with when they were taken and how noisy
 they were. A noisy measurement (another job on the CPU) is used for this run but never saved, and a saved one
-expires after MAX_AGE_DAYS, so one bad measurement cannot decide forever.
+expires after MAX_AGE_DAYS, so one bad measurement cannot decide forever. A draft profile also times a plain forward
+and is read relative to it, so a machine that was evenly slow while one profile was taken cannot tip the choice.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ MAX_AGE_DAYS = 7
 # Spec-Bench questions, one run): EAGLE's 12-node depth-2 tree, 0.4% ahead of a 4-node depth-1 tree by the model,
 # ran 1.22x vanilla (0.87x in one category) while EAGLE-KOALA's 4-node depth-1 tree ran 1.37x.
 PLAN_MARGIN = 0.03
+REFERENCE = "plain"  # the draft profile's own timing of a plain target forward
 FORWARD_VERSION = 2  # bump when KOALA changes how the target's forward runs: saved profiles are then not reused
 
 
@@ -88,12 +90,10 @@ def _time_round_robin(jobs: dict[Hashable, Callable[[], None]], repeats: int, de
     return Timings({k: min(r) for k, r in runs.items()}, spread)
 
 
-@torch.inference_mode()
-def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3) -> Timings:
-    """Seconds of one verify forward (pending token + n tree tokens) over CONTEXT cached tokens, per n (0 = plain),
-    made non-decreasing in n (more tokens never cost less)."""
+def _forward_jobs(target: Target, sizes: Sequence[int]) -> dict[int, Callable[[], None]]:
+    """One job per n (0 = plain): a verify forward of the pending token + n tree tokens over CONTEXT cached tokens."""
     device = target.device
-    context = min(CONTEXT, target.max_length - max(sizes) - 2)
+    context = min(CONTEXT, target.max_length - max(sizes, default=0) - 2)
     if context < 1:
         raise ValueError(f"The target's context ({target.max_length}) is too short to verify {max(sizes)} tokens.")
     gen = torch.Generator().manual_seed(0)
@@ -113,7 +113,14 @@ def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeat
         tree = DraftTree.chain(torch.randint(vocab, (n,), generator=gen)) if n else DraftTree.empty()
         jobs[n] = job(*verify_inputs(torch.randint(vocab, (1,), generator=gen).to(device), tree, context,
                                      target.dtype))
-    timings = _time_round_robin(jobs, repeats, device)
+    return jobs
+
+
+@torch.inference_mode()
+def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3) -> Timings:
+    """Seconds of one verify forward (pending token + n tree tokens) over CONTEXT cached tokens, per n (0 = plain),
+    made non-decreasing in n (more tokens never cost less)."""
+    timings = _time_round_robin(_forward_jobs(target, sizes), repeats, target.device)
     floor = 0.0
     for n in sorted(timings.seconds):
         floor = timings.seconds[n] = max(floor, timings.seconds[n])
@@ -124,7 +131,8 @@ def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeat
 def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequence[Plan],
                   repeats: int = 3) -> Timings:
     """Seconds per step a drafter built by `build(plan)` spends in `observe` (two newly committed tokens) plus
-    `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan."""
+    `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan; and under REFERENCE, a plain
+    target forward timed in the same rounds, the clock these costs are read on (see draft_profile)."""
     device, dtype = target.device, target.dtype
     d, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
 
@@ -144,7 +152,9 @@ def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequen
             drafter.propose(context_ids)
         return run
 
-    return _time_round_robin({plan: job(plan) for plan in plans}, repeats, device)
+    jobs: dict[Hashable, Callable[[], None]] = {plan: job(plan) for plan in plans}
+    jobs[REFERENCE] = _forward_jobs(target, ())[0]
+    return _time_round_robin(jobs, repeats, device)
 
 
 def _load(file: Path) -> dict | None:
@@ -198,16 +208,28 @@ def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refres
 
 
 def draft_profile(target: Target, head_key: str, build: Callable[[Plan], object], plans: Sequence[Plan],
-                  refresh: bool = False) -> dict[Plan, float]:
-    """measure_draft, cached per device + target + head (`head_key`, e.g. a hash of its weights) + plans."""
+                  plain: float, refresh: bool = False) -> dict[Plan, float]:
+    """measure_draft, cached per device + target + head (`head_key`, e.g. a hash of its weights) + plans, and read
+    on the clock of the verify profile: each cost is scaled by `plain` (that profile's plain forward) over the plain
+    forward timed beside the head. A machine that ran slower (or faster) while one of the two profiles was taken
+    then shifts both alike instead of making drafting look dear (or cheap): round 20, a draft profile taken in a
+    slow spell of this VM priced an EAGLE-KOALA step at 8.1 ms (2.2-2.5 ms re-timed), its runs so evenly slow that
+    their spread (1.20) did not flag them, and the planner dropped the head."""
     plans = sorted(set(plans), key=lambda p: p.key)
     file = _profile_file("draft", _target_key(target) + [head_key, [p.key for p in plans]])
     saved = None if refresh else _load(file)
-    if saved is not None and all(p.key in saved for p in plans):
-        return {p: saved[p.key] for p in plans}
-    timings = measure_draft(target, build, plans)
-    _save(file, timings, {"device": device_name(target.device), "target": target.name, "head": head_key})
-    return dict(timings.seconds)
+    if saved is not None and all(k in saved for k in (REFERENCE, *(p.key for p in plans))):
+        seconds, reference = {p: saved[p.key] for p in plans}, saved[REFERENCE]
+    else:
+        timings = measure_draft(target, build, plans)
+        _save(file, timings, {"device": device_name(target.device), "target": target.name, "head": head_key})
+        reference = timings.seconds.pop(REFERENCE)
+        seconds = timings.seconds
+    scale = plain / reference
+    if max(scale, 1 / scale) > MAX_SPREAD:
+        print(f"koala: note: a plain forward took {1 / scale:.2f}x its verify profile's time while the head's draft"
+              f" cost was timed (a busy or drifting machine); the draft costs are scaled to match.", file=sys.stderr)
+    return {p: t * scale for p, t in seconds.items()}
 
 
 def expected_tokens(plan: Plan, top_k: int, acceptance: Acceptance) -> float:
@@ -275,5 +297,5 @@ def choose_plan(target: Target, plans: Sequence[Plan], build: Callable[[Plan], o
     drafting = [p for p in plans if p.tree != "none"]
     sizes = {_verified(p) for p in drafting}
     latency = latency_profile(target, sorted(sizes))
-    draft = draft_profile(target, head_key(), build, drafting) if drafting else {}
+    draft = draft_profile(target, head_key(), build, drafting, latency[0]) if drafting else {}
     return best_plan(plans, latency, draft, top_k, acceptance)
