@@ -15,6 +15,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
 from koala.target import load_target
 
 
@@ -51,11 +52,12 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 step()
-        ops = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6 / args.steps
+        averages = prof.key_averages()
+        ops = sum(e.self_cpu_time_total for e in averages) / 1e6 / args.steps
         print(f"\n{dtype}: {args.steps} steps of {n} new token(s) over {args.context} cached, {args.threads} threads: "
               f"{1000 * wall:.1f} ms a step unprofiled; torch ops' self time {1000 * ops:.1f} ms a step (profiled), "
               f"the rest ~{1000 * max(wall - ops, 0.0):.1f} ms is koala's C kernels and Python")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":
