@@ -8,9 +8,9 @@ prompt is timed --runs times (median kept), and outputs are checked token-for-to
     .venv/bin/python scripts/bench_decode.py --profile vanilla   # cProfile of our loop, top functions
     .venv/bin/python scripts/bench_decode.py --physics            # T(n) per dtype and each head's draft cost
 
---physics prints the cost of one target forward verifying n new tokens over a 128-token cache (fastest of
---runs rounds, sizes interleaved), in fp32 and bf16, and for each head the time its drafter spends per step
-(propose + observe) next to the verify cost of the tree it proposes: a step gains tau tokens for
+--physics prints the cost of one target forward verifying n new tokens over a 128-token cache (or each of
+--contexts; fastest of --runs rounds, sizes interleaved), in fp32 and bf16, and for each head the time its drafter
+spends per step (propose + observe) next to the verify cost of the tree it proposes: a step gains tau tokens for
 T_verify(n) + T_draft, plain decoding one token for T(1).
 """
 from __future__ import annotations
@@ -81,17 +81,18 @@ def physics(args) -> None:
     rows = {}
     for dtype in ("float32", "bfloat16"):
         target = load_target(args.target, args.device, dtype)
-        rows[dtype] = measure_latency(target, TREE_SIZES, repeats=args.runs).seconds  # key n: n tree tokens + 1 pending
+        for context in args.contexts:  # key n: n tree tokens + 1 pending
+            rows[dtype, context] = measure_latency(target, TREE_SIZES, args.runs, context).seconds
     sizes = (0, *TREE_SIZES)
-    print(f"T(n): one target forward with n new tokens over a 128-token cache, ms (fastest of {args.runs}), "
-          f"torch threads {torch.get_num_threads()}\n")
-    print("| dtype \\ n | " + " | ".join(str(n + 1) for n in sizes) + " |")
-    print("|---|" + "---|" * len(sizes))
-    for dtype, lat in rows.items():
-        print(f"| {dtype} | " + " | ".join(f"{1000 * lat[n]:.0f}" for n in sizes) + " |")
+    print(f"T(n): one target forward with n new tokens over a cache of `context` tokens, ms (fastest of "
+          f"{args.runs}), torch threads {torch.get_num_threads()}\n")
+    print("| dtype | context \\ n | " + " | ".join(str(n + 1) for n in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for (dtype, context), lat in rows.items():
+        print(f"| {dtype} | {context} | " + " | ".join(f"{1000 * lat[n]:.0f}" for n in sizes) + " |")
     target = load_target(args.target, args.device, "float32")
     prompts = [target.encode(p) for _, p in pick_prompts(args.questions, args.prompts)]
-    lat = rows["float32"]
+    lat = rows["float32", args.contexts[0]]
     print(f"\nDraft cost per step, fp32, {len(prompts)} prompts x {args.max_new_tokens} tokens, greedy, no gate\n")
     print("| head | plan | tree nodes/step | draft ms/step | T_verify(nodes) ms | T(1) ms | tau | "
           "model speedup tau*T(1)/(T_verify+T_draft) |")
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--profile", choices=list(METHODS), default=None, help="cProfile one method instead")
     ap.add_argument("--physics", action="store_true", help="T(n) per dtype and each head's draft cost instead")
+    ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[128],
+                    help="--physics: cached tokens the timed forwards attend to, comma-separated (default 128)")
     ap.add_argument("--heads", nargs="+", default=list(HEADS),
                     help="--physics: shipped head names or head directories to time")
     args = ap.parse_args()

@@ -109,6 +109,20 @@ def test_too_short_context_is_a_clear_error(llama_target):
         plan_mod.measure_latency(llama_target, sizes=(300,))
 
 
+def test_latency_is_timed_over_the_context_asked_for(llama_target, monkeypatch):
+    seen = []  # (cache length before the forward, tokens in it) of every timed forward
+    hidden = llama_target.hidden
+
+    def spy(ids, pos, cache, mask=None):
+        seen.append((cache.get_seq_length(), ids.shape[1]))
+        return hidden(ids, pos, cache, mask)
+
+    monkeypatch.setattr(llama_target, "hidden", spy)
+    plan_mod.measure_latency(llama_target, sizes=(3,), repeats=1, context=40)
+    assert seen[0] == (0, 40)  # the prefix
+    assert sorted(set(seen[1:])) == [(40, 1), (40, 4)]  # plain and 3-token verify forwards, each over 40 cached
+
+
 def test_draft_costs_are_read_on_the_verify_profiles_clock(llama_target, tmp_path, monkeypatch, capsys):
     """Round 20: an EAGLE-KOALA head's draft profile was taken in a slow spell of the VM, evenly slow (spread 1.20,
     so it was saved): 8.1 ms a step instead of 2.3, and the planner dropped a head that pays. The plain forward

@@ -90,10 +90,11 @@ def _time_round_robin(jobs: dict[Hashable, Callable[[], None]], repeats: int, de
     return Timings({k: min(r) for k, r in runs.items()}, spread)
 
 
-def _forward_jobs(target: Target, sizes: Sequence[int]) -> dict[int, Callable[[], None]]:
-    """One job per n (0 = plain): a verify forward of the pending token + n tree tokens over CONTEXT cached tokens."""
+def _forward_jobs(target: Target, sizes: Sequence[int], context: int = CONTEXT) -> dict[int, Callable[[], None]]:
+    """One job per n (0 = plain): a verify forward of the pending token + n tree tokens over `context` cached
+    tokens."""
     device = target.device
-    context = min(CONTEXT, target.max_length - max(sizes, default=0) - 2)
+    context = min(context, target.max_length - max(sizes, default=0) - 2)
     if context < 1:
         raise ValueError(f"The target's context ({target.max_length}) is too short to verify {max(sizes)} tokens.")
     gen = torch.Generator().manual_seed(0)
@@ -117,10 +118,11 @@ def _forward_jobs(target: Target, sizes: Sequence[int]) -> dict[int, Callable[[]
 
 
 @torch.inference_mode()
-def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3) -> Timings:
-    """Seconds of one verify forward (pending token + n tree tokens) over CONTEXT cached tokens, per n (0 = plain),
-    made non-decreasing in n (more tokens never cost less)."""
-    timings = _time_round_robin(_forward_jobs(target, sizes), repeats, target.device)
+def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 3,
+                    context: int = CONTEXT) -> Timings:
+    """Seconds of one verify forward (pending token + n tree tokens) over `context` cached tokens, per n (0 =
+    plain), made non-decreasing in n (more tokens never cost less)."""
+    timings = _time_round_robin(_forward_jobs(target, sizes, context), repeats, target.device)
     floor = 0.0
     for n in sorted(timings.seconds):
         floor = timings.seconds[n] = max(floor, timings.seconds[n])

@@ -512,10 +512,30 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 static void attend_row(const float *q, const float *k, const float *v, const float *mask, int64_t keys,
                        int64_t ks, int64_t vs, int64_t d, float scale, float *s, float *out) {
   float top = -INFINITY;
-  for (int64_t l = 0; l < keys; l++) /* a key masked with -inf scores -inf whatever its dot product */
-    s[l] = mask && mask[l] == -INFINITY ? -INFINITY : dot(q, k + l * ks, d) * scale + (mask ? mask[l] : 0.0f);
-  for (int64_t l = 0; l < keys; l++) top = s[l] > top ? s[l] : top;
   int64_t l = 0;
+  if (d == 64) { /* four keys at a time: four independent FMA chains instead of one (each key's chain and sum
+                    are exactly dot()'s, so the scores keep their bits); q stays in registers across keys */
+    __m256 qr[8];
+    #pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) qr[j] = _mm256_loadu_ps(q + 8 * j);
+    for (; l + 4 <= keys; l += 4) {
+      const float *k0 = k + l * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        a0 = _mm256_fmadd_ps(qr[j], _mm256_loadu_ps(k0 + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(qr[j], _mm256_loadu_ps(k1 + 8 * j), a1);
+        a2 = _mm256_fmadd_ps(qr[j], _mm256_loadu_ps(k2 + 8 * j), a2);
+        a3 = _mm256_fmadd_ps(qr[j], _mm256_loadu_ps(k3 + 8 * j), a3);
+      }
+      s[l] = hsum(a0), s[l + 1] = hsum(a1), s[l + 2] = hsum(a2), s[l + 3] = hsum(a3);
+    }
+  }
+  for (; l < keys; l++) s[l] = dot(q, k + l * ks, d);
+  for (l = 0; l < keys; l++) /* a key masked with -inf scores -inf whatever its dot product */
+    s[l] = mask && mask[l] == -INFINITY ? -INFINITY : s[l] * scale + (mask ? mask[l] : 0.0f);
+  for (l = 0; l < keys; l++) top = s[l] > top ? s[l] : top;
+  l = 0;
   for (; l + 8 <= keys; l += 8)
     _mm256_storeu_ps(s + l, exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top))));
   if (l < keys) {
