@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Round 22 (AVX2 EPYC, 2 cores): the shipped EAGLE-class heads and the eagle3 K=1 head continued on later turns
-# (train-eagle3-later.sh), bf16 target, the 26 Spec-Bench questions (2 per category), 128 new tokens, greedy,
+# (train-eagle3-later.sh; the K=2 continuation was still training, paused), bf16 target, the 26 Spec-Bench questions (2 per category), 128 new tokens, greedy,
 # 2 threads, nothing else running. Three timed runs per question (the median is kept): round 21's single runs
 # moved +-10-15% on short answers, as much as the 0.97x floor of issue #10 is meant to resolve. pld, HF generate
-# and the Medusa pair are left out to keep it under ~35 minutes (round 21 has them). Heads without an in-loop
+# and the Medusa pair are left out to keep it under ~40 minutes (round 21 has them). Heads without an in-loop
 # acceptance table are calibrated first (bf16).
 set -e
 cd "$(dirname "$0")/../../.."
