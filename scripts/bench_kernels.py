@@ -7,7 +7,8 @@ forward does), 9 query heads on 3 KV heads of 64 (SmolLM2-135M), `rows` query ro
 tree with its pending token) over `context` cached keys. linear: bf16 weights of a decoder layer's shapes and the
 LM head, packed as the target packs them, as many copies as fill ~120 MB, so the weights stream from memory; GB/s
 is weight bytes over time, to set beside the machine's memory bandwidth (a copy of 200 MB, read + write, is timed
-too). Fastest of --repeats rounds, shapes interleaved per round.
+too). Each cell is the fastest of --repeats back-to-back runs after one warm-up (shapes are not interleaved, so a
+burst of load from another process moves single cells: time it alone).
 """
 from __future__ import annotations
 
