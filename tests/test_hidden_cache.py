@@ -122,6 +122,23 @@ def test_a_killed_build_resumes_into_the_same_cache(llama_target, tmp_path, monk
     assert torch.equal(batch_a.hidden, batch_b.hidden)
 
 
+def test_koala_cache_publishes_shards_of_the_size_asked_for(saved_tiny_dir, tmp_path):
+    """--shard-tokens sets how much work a kill can lose: a shard closes at the first batch boundary past it."""
+    from koala.cli import main
+
+    tmp_path = tmp_path / "work"  # (saved_tiny_dir lives in tmp_path itself)
+    tmp_path.mkdir()
+    data = _distilled(tmp_path)
+    common = ["cache", "--data", str(data), "--target", str(saved_tiny_dir), "--max-length", "64",
+              "--batch-tokens", "20", "--dtype", "float32"]
+    assert main(common + ["--out", str(tmp_path / "small"), "--shard-tokens", "10"]) == 0
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    small, one = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("small", "one"))
+    assert len(one["shards"]) == 1 and len(small["shards"]) >= 3
+    assert all(sh["tokens"] >= 10 for sh in small["shards"][:-1])
+    assert sum(sh["tokens"] for sh in small["shards"]) == one["tokens"] == small["tokens"]
+
+
 @pytest.mark.slow
 def test_smollm2_chat_template_mask(smollm2):
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},

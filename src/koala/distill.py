@@ -28,7 +28,7 @@ from koala.args import add_target_args, non_negative_float, non_negative_int, po
 from koala.atomic import write_json_atomic, write_text_atomic
 from koala.build import target_from_args
 from koala.data import Conversation, ReadStats, read_conversations, read_distilled, write_sharegpt
-from koala.hidden_cache import (FORMAT, MANIFEST, greedy_from_ids, parse_aux_layers, shard_records,
+from koala.hidden_cache import (FORMAT, MANIFEST, SHARD_TOKENS, greedy_from_ids, parse_aux_layers, shard_records,
                                 tokenize_conversation, write_shard)
 from koala.slots import SlotModel
 
@@ -43,7 +43,7 @@ class DistillConfig:
     batch_size: int = 64  # rows decoded together (KV-cache slots)
     temperature: float = 0.0
     max_prompt_tokens: int = 1024
-    shard_tokens: int = 1 << 18  # tokens per published shard (the resume granularity)
+    shard_tokens: int = SHARD_TOKENS  # tokens per published shard (the resume granularity)
     prefill_tokens: int = 8192  # prompt tokens per prefill forward when rows join
     pool_factor: int = 16  # prompts read ahead (x batch_size) and sorted by length
     seed: int = 0
@@ -376,7 +376,7 @@ def _run(args) -> int:
 
     target = target_from_args(args, verifies=False)
     cfg = DistillConfig(args.max_conversations, args.max_turns, args.max_new_tokens, args.batch_size,
-                        args.temperature, args.max_prompt_tokens, seed=args.seed,
+                        args.temperature, args.max_prompt_tokens, shard_tokens=args.shard_tokens, seed=args.seed,
                         aux_layers=parse_aux_layers(args.aux_layers, target.config.num_hidden_layers))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -406,6 +406,8 @@ def add_command(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="sequences decoded together")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--shard-tokens", type=positive_int, default=SHARD_TOKENS,
+                   help="tokens per published shard: what a kill loses at most")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aux-layers", default="none",
                    help="also keep the inputs to these target layers, for eagle3 heads: 'auto' ([2, N//2, N-3]), "
