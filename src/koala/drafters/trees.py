@@ -38,12 +38,17 @@ def chain(depth: int) -> list[Path]:
 Acceptance = Sequence[float] | Sequence[Sequence[float]]
 
 
+def is_measured(acceptance: Acceptance) -> bool:
+    """True for per-rank tables (as `koala calibrate` measures them in the loop), False for per-depth top-1 rates."""
+    return not all(isinstance(a, (int, float)) for a in acceptance)
+
+
 def rank_table(acceptance: Acceptance, depth: int, top_k: int) -> list[list[float]]:
     """q[d][r] for d < depth, r < top_k (see the module docstring). Depths past the given ones repeat the last;
     measured ranks past the given ones are 0."""
     if not acceptance:
         raise ValueError("need at least one acceptance rate")
-    if all(isinstance(a, (int, float)) for a in acceptance):
+    if not is_measured(acceptance):
         if any(not 0 < a < 1 for a in acceptance):
             raise ValueError(f"acceptance rates must lie strictly between 0 and 1, got {list(acceptance)}")
         rows = [[a * (1 - a) ** r for r in range(top_k)] for a in acceptance]
