@@ -263,6 +263,7 @@ def best_plan(plans: Sequence[Plan], latency: dict[int, float], draft: dict[Plan
     measured in the loop need only clear timing noise (MEASURED_MARGIN). `margin` None picks by `acceptance`."""
     if margin is None:
         margin = MEASURED_MARGIN if is_measured(acceptance) else PLAN_MARGIN
+
     def rate(plan: Plan) -> float:
         if plan.tree == "none":
             return 1.0 / latency[0]
