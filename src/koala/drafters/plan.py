@@ -48,6 +48,7 @@ PLAN_MARGIN = 0.03
 MEASURED_MARGIN = 0.01
 REFERENCE = "plain"  # the draft profile's own timing of a plain target forward
 FORWARD_VERSION = 2  # bump when KOALA changes how the target's forward runs: saved profiles are then not reused
+DRAFT_VERSION = 2  # bump when measure_draft changes what it times: saved draft profiles are then not reused
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,16 @@ class Timings:
     spread: float  # the typical (median over keys) ratio of a key's median run to its fastest: ~1 when idle
 
 
-def _time_round_robin(jobs: dict[Hashable, Callable[[], None]], repeats: int, device: torch.device) -> Timings:
+def _time_round_robin(jobs: dict[Hashable, Callable[[], None]], repeats: int, device: torch.device,
+                      between: Callable[[], None] | None = None) -> Timings:
     """Run every job once per round (round 0 warms kernels and allocators up), so a burst of load from another
-    process hits all keys alike; keep each key's fastest run and report how far the runs typically strayed."""
+    process hits all keys alike; keep each key's fastest run and report how far the runs typically strayed.
+    `between`, if given, runs untimed before every job."""
     runs: dict[Hashable, list[float]] = {k: [] for k in jobs}
     for rep in range(repeats + 1):
         for k, job in jobs.items():
+            if between is not None:
+                between()
             sync(device)
             start = time.perf_counter()
             job()
@@ -138,8 +143,9 @@ def measure_latency(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, repeat
 def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequence[Plan],
                   repeats: int = 3) -> Timings:
     """Seconds per step a drafter built by `build(plan)` spends in `observe` (two newly committed tokens) plus
-    `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan; and under REFERENCE, a plain
-    target forward timed in the same rounds, the clock these costs are read on (see draft_profile)."""
+    `propose`, after ingesting CONTEXT tokens of synthetic target features, per plan, each right after an untimed
+    plain target forward; and under REFERENCE, that forward timed in the same rounds, the clock these costs are read
+    on (see draft_profile)."""
     device, dtype = target.device, target.dtype
     d, vocab = target.config.hidden_size, target.lm_head.weight.shape[0]
 
@@ -160,8 +166,10 @@ def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequen
         return run
 
     jobs: dict[Hashable, Callable[[], None]] = {plan: job(plan) for plan in plans}
-    jobs[REFERENCE] = _forward_jobs(target, ())[0]
-    return _time_round_robin(jobs, repeats, device)
+    jobs[REFERENCE] = forward = _forward_jobs(target, ())[0]
+    # each draft step follows a target forward, as in the decode loop: timed back to back, the first plan after the
+    # reference forward cost ~2% of a forward more than the same work timed later (round 23, eagle3, bf16)
+    return _time_round_robin(jobs, repeats, device, between=forward)
 
 
 def _load(file: Path) -> dict | None:
@@ -223,7 +231,7 @@ def draft_profile(target: Target, head_key: str, build: Callable[[Plan], object]
     slow spell of this VM priced an EAGLE-KOALA step at 8.1 ms (2.2-2.5 ms re-timed), its runs so evenly slow that
     their spread (1.20) did not flag them, and the planner dropped the head."""
     plans = sorted(set(plans), key=lambda p: p.key)
-    file = _profile_file("draft", _target_key(target) + [head_key, [p.key for p in plans]])
+    file = _profile_file("draft", _target_key(target) + [head_key, [p.key for p in plans], DRAFT_VERSION])
     saved = None if refresh else _load(file)
     if saved is not None and all(k in saved for k in (REFERENCE, *(p.key for p in plans))):
         seconds, reference = {p: saved[p.key] for p in plans}, saved[REFERENCE]
