@@ -168,7 +168,7 @@ def measure_draft(target: Target, build: Callable[[Plan], object], plans: Sequen
     jobs: dict[Hashable, Callable[[], None]] = {plan: job(plan) for plan in plans}
     jobs[REFERENCE] = forward = _forward_jobs(target, ())[0]
     # each draft step follows a target forward, as in the decode loop: timed back to back, the first plan after the
-    # reference forward cost ~2% of a forward more than the same work timed later (round 23, eagle3, bf16)
+    # reference forward cost 1.6-1.8% of a forward more than the same work timed later (round 23, eagle3, bf16)
     return _time_round_robin(jobs, repeats, device, between=forward)
 
 
