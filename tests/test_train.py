@@ -267,6 +267,33 @@ def test_max_minutes_fits_the_schedule_and_anneals(llama_target, tmp_path):
     assert last["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)  # annealed, not cut mid-schedule
 
 
+def test_a_run_that_slows_down_late_still_anneals_before_the_deadline(llama_target, tmp_path, monkeypatch):
+    """Round 23's CI: a 7-second run planned 519 steps, then the machine got busy and --max-minutes cut it at step
+    378, mid-schedule. Past the early re-plans the loop now re-plans whenever its pace would overrun the deadline."""
+    import time
+
+    from koala.train import loop
+
+    update = loop._update
+
+    def slow_after_half(run, res, loss, step):
+        update(run, res, loss, step)
+        state = run.state
+        if state["planned"] and step > 0.5 * run.cfg.max_steps:
+            state.setdefault("pace", state["seconds"] / max(state["step"], 1))
+            time.sleep(3 * state["pace"])  # every step from here on takes ~4x as long
+
+    monkeypatch.setattr(loop, "_update", slow_after_half)
+    source = online(llama_target, distilled(tmp_path, llama_target, n=8))
+    cfg = small_cfg(max_steps=100_000, max_minutes=0.05, eval_every=5, log_every=1)
+    manifest = train(llama_target, source, tmp_path / "run", cfg, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    plan = [r for r in rows if r.get("event") == "planned steps from throughput"]
+    assert not manifest["ended_early"] and manifest["steps"] == plan[-1]["max_steps"]
+    last = [r for r in rows if r.get("split") == "train"][-1]
+    assert last["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+
+
 def test_batches_with_nothing_to_learn_are_skipped_and_counted(llama_target, tmp_path):
     cache = _teacher_forced_cache(llama_target, tmp_path, n=4, prompt=40, reply=3)
     for head in ("eagle", "medusa"):

@@ -27,7 +27,10 @@ from koala.train.report import append_jsonl, plot_metrics
 
 PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
 PLAN_MARGIN = 0.8  # share of --max-minutes the planned steps may fill
-REPLAN_UNTIL = 0.4  # then re-plan at each held-out evaluation while the run is this far into its steps
+REPLAN_UNTIL = 0.4  # then re-plan at each held-out evaluation while the run is this far into its steps,
+# and at any later evaluation where the pace so far would run past this share of --max-minutes (a machine that got
+# busy late): a shorter plan anneals early; missing the deadline would cut the cosine off mid-schedule
+REPLAN_PAST = 0.9
 
 
 def head_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool = False,
@@ -278,8 +281,8 @@ def _update(run: Run, res: StepOut, loss: torch.Tensor, step: int) -> None:
 def _plan(run: Run, bar) -> None:
     """Fit the step count to --max-minutes from the measured time per step (evaluations and checkpoints
     included), so the cosine anneals before the deadline: after PLAN_AFTER steps, then again at each evaluation
-    early in the run, since the first steps can be faster than the average. A plan only shortens the run, and it
-    is checkpointed, so a resumed run follows it."""
+    early in the run, since the first steps can be faster than the average, and at a later one when the run falls
+    behind (_overruns). A plan only shortens the run, and it is checkpointed, so a resumed run follows it."""
     state, cfg = run.state, run.cfg
     per_step = state["seconds"] / state["step"]
     budget = PLAN_MARGIN * cfg.max_minutes * 60  # room for a slower stretch of the machine
@@ -288,6 +291,12 @@ def _plan(run: Run, bar) -> None:
     bar.total = cfg.max_steps
     run.log({"step": state["step"], "event": "planned steps from throughput", "max_steps": cfg.max_steps,
              "s_per_step": round(per_step, 3)})
+
+
+def _overruns(run: Run) -> bool:
+    """At the pace so far, the planned steps would end past REPLAN_PAST of --max-minutes."""
+    state, cfg = run.state, run.cfg
+    return state["seconds"] / state["step"] * cfg.max_steps > REPLAN_PAST * cfg.max_minutes * 60
 
 
 def use_bf16(cfg: TrainConfig, device: str) -> bool:
@@ -376,7 +385,8 @@ def train(target, source, out: str | Path, cfg: TrainConfig, resume: bool = Fals
         state["step"] = step + 1
         state["seconds"] = seconds0 + time.perf_counter() - t0
         if cfg.max_minutes and state["step"] >= PLAN_AFTER and (not state["planned"] or (
-                state["step"] % cfg.eval_every == 0 and state["step"] <= REPLAN_UNTIL * cfg.max_steps)):
+                state["step"] % cfg.eval_every == 0 and (state["step"] <= REPLAN_UNTIL * cfg.max_steps or
+                                                         _overruns(run)))):
             _plan(run, bar)
         if main and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
             now = time.perf_counter()
