@@ -274,14 +274,15 @@ def test_a_run_that_slows_down_late_still_anneals_before_the_deadline(llama_targ
 
     from koala.train import loop
 
-    update = loop._update
+    update, pace = loop._update, []
 
     def slow_after_half(run, res, loss, step):
         update(run, res, loss, step)
         state = run.state
         if state["planned"] and step > 0.5 * run.cfg.max_steps:
-            state.setdefault("pace", state["seconds"] / max(state["step"], 1))
-            time.sleep(3 * state["pace"])  # every step from here on takes ~4x as long
+            if not pace:
+                pace.append(state["seconds"] / max(state["step"], 1))
+            time.sleep(3 * pace[0])  # every step from here on takes ~4x as long
 
     monkeypatch.setattr(loop, "_update", slow_after_half)
     source = online(llama_target, distilled(tmp_path, llama_target, n=8))

@@ -27,10 +27,8 @@ from koala.train.report import append_jsonl, plot_metrics
 
 PLAN_AFTER = 20  # steps measured before --max-minutes fixes the number of steps
 PLAN_MARGIN = 0.8  # share of --max-minutes the planned steps may fill
-REPLAN_UNTIL = 0.4  # then re-plan at each held-out evaluation while the run is this far into its steps,
-# and at any later evaluation where the pace so far would run past this share of --max-minutes (a machine that got
-# busy late): a shorter plan anneals early; missing the deadline would cut the cosine off mid-schedule
-REPLAN_PAST = 0.9
+REPLAN_UNTIL = 0.4  # then re-plan at each held-out evaluation while the run is this far into its steps
+REPLAN_PAST = 0.9  # and at a later one where the pace so far would end past this share of --max-minutes
 
 
 def head_step(head, batch: Batch, vocab: DraftVocab, cfg: TrainConfig, want_drafts: bool = False,
@@ -294,7 +292,8 @@ def _plan(run: Run, bar) -> None:
 
 
 def _overruns(run: Run) -> bool:
-    """At the pace so far, the planned steps would end past REPLAN_PAST of --max-minutes."""
+    """At the pace so far, the planned steps would end past REPLAN_PAST of --max-minutes (a machine that got busy
+    late): a shorter plan anneals early, where missing the deadline would cut the cosine off mid-schedule."""
     state, cfg = run.state, run.cfg
     return state["seconds"] / state["step"] * cfg.max_steps > REPLAN_PAST * cfg.max_minutes * 60
 
