@@ -5,12 +5,6 @@
 # ~1.9M tokens, ~1.5 h at ~330 tok/s on the AVX2 EPYC. Resumable: run it again after a kill.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-subset=runs/sharegpt-mid.jsonl.gz
-[ -f $subset ] || .venv/bin/python - "$subset" <<'PY'
-import gzip, itertools, sys
-with gzip.open("data/smollm2-135m/sharegpt-first-turns.jsonl.gz", "rt") as f, gzip.open(sys.argv[1] + ".tmp", "wt") as out:
-    out.writelines(itertools.islice(f, 4000, 8800))
-PY
-[ -f $subset ] || mv $subset.tmp $subset
+source docs/results/round22/sharegpt-mid.sh  # sets $subset
 nice .venv/bin/koala cache --data $subset --out runs/cache/sharegpt-mid --max-length 1400 --dtype float32 \
   --aux-layers 2,15,27

@@ -1,5 +1,6 @@
 """Paired per-question speed of method pairs in a `koala bench` run (its partial.jsonl): the mean of
-log(time of A / time of B) over questions, with +-2 standard errors, as a "B is x times faster" ratio.
+log(time of A / time of B) over questions, with +-2 standard errors, as a "B is x times faster" ratio; each pair
+is given as B:A.
 
     .venv/bin/python docs/results/round24/paired.py docs/results/round24/bench eagle3-r24:eagle3 ...
 """
