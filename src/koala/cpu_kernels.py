@@ -37,6 +37,7 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16")
 AVX512_CPU = {"avx512f", "avx512bw", "avx512_bf16"}
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+Q4 = 3  # packed 4-bit weights (q4_kernel)
 _why: list[str] = []
 
 
@@ -113,17 +114,20 @@ def library() -> ctypes.CDLL | None:
     lib.key = _key(flags)
     lib.koala_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.koala_pack.restype = None
+    lib.koala_pack_q4.argtypes = lib.koala_unpack_q4.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.koala_pack_q4.restype = lib.koala_unpack_q4.restype = ctypes.c_int
     lib.koala_packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     lib.koala_packed_bytes.restype = ctypes.c_int64
     lib.koala_rmsnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
                                                           ctypes.c_int64, ctypes.c_int64]
     lib.koala_rmsnorm.restype = None
     pointers, sizes = [ctypes.c_void_p], [ctypes.c_int64]
-    lib.koala_attn_in.argtypes = (pointers + [ctypes.c_int] + pointers + [ctypes.c_float] + pointers * 8
+    kinds = [ctypes.c_int] * 2  # rows' kind, weights' kind
+    lib.koala_attn_in.argtypes = (pointers + kinds + pointers + [ctypes.c_float] + pointers * 8
                                   + [ctypes.c_int] + pointers * 3 + sizes * 6)
-    lib.koala_attn_out.argtypes = (pointers + [ctypes.c_int] + pointers * 5 + [ctypes.c_float] + pointers * 6
+    lib.koala_attn_out.argtypes = (pointers + kinds + pointers * 5 + [ctypes.c_float] + pointers * 6
                                    + sizes * 4)
-    lib.koala_mlp_out.argtypes = pointers + [ctypes.c_int] + pointers * 3 + sizes * 3
+    lib.koala_mlp_out.argtypes = pointers + kinds + pointers * 3 + sizes * 3
     lib.koala_attn_in.restype = lib.koala_attn_out.restype = lib.koala_mlp_out.restype = ctypes.c_int
     lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
     lib.koala_attention.restype = None
@@ -177,6 +181,60 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
 
     run.packed, run.bias, run.kind = packed, bias, kind  # keep the buffers alive; koala.fused_layer reads them
     return run
+
+
+def q4_kernel(blocks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The bf16 linear of `weight` read from 4-bit codes: `blocks` (N, K / 32 * 20) uint8 are the weight's GGUF
+    Q4_1 blocks (rows in the weight's order), from which a bf16 weight came by dequantising and rounding. The
+    kernel gives bf16 rows exactly `linear_kernel(weight)`'s bits (the same chain on the same values) reading 6 bits
+    a weight instead of 16 (kernels/cpu_kernels.c, "4-bit weights"). None unless the AVX-512 build runs here and
+    the codes rebuild `weight` bit for bit. Rows of another dtype take F.linear (a bf16 target never sends any)."""
+    lib = library()
+    if (lib is None or lib.koala_isa() != 512 or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or blocks.dtype != torch.uint8):
+        return None
+    n, k = weight.shape
+    if k % 32 or tuple(blocks.shape) != (n, k // 32 * 20):
+        return None
+    packed, back = _q4_pack(lib, blocks, n, k)
+    if not torch.equal(back, weight):
+        return None
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    bias_ptr = None if bias is None else bias.data_ptr()
+
+    def run(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        rows = x.contiguous()
+        out = torch.empty(rows.shape[0], n, dtype=out_dtype or rows.dtype)
+        if lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), Q4, bias_ptr, out.data_ptr(),
+                            KINDS[out.dtype], rows.shape[0], n, k):
+            raise MemoryError(f"koala_linear could not allocate {rows.shape[0]} x {k} floats")
+        return out
+
+    run.packed, run.bias, run.kind = packed, bias, Q4
+    return run
+
+
+def _q4_pack(lib: ctypes.CDLL, blocks: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1 blocks (n, k / 32 * 20) -> (Q4 panels, the bf16 (n, k) weight the kernel reads from them)."""
+    blocks = blocks.contiguous()
+    packed = torch.empty(lib.koala_packed_bytes(Q4, n, k), dtype=torch.uint8)
+    back = torch.empty(n, k, dtype=torch.bfloat16)
+    if lib.koala_pack_q4(blocks.data_ptr(), packed.data_ptr(), n, k) or lib.koala_unpack_q4(
+            packed.data_ptr(), back.data_ptr(), n, k):
+        raise ValueError(f"Q4 blocks need a row length divisible by 32, got {k}")
+    return packed, back
+
+
+def q4_values(blocks: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The bf16 (N, k) weight GGUF Q4_1 blocks (N, k / 32 * 20) stand for, as q4_kernel reads it (None where that
+    kernel does not run here)."""
+    lib = library()
+    if lib is None or lib.koala_isa() != 512 or k % 32 or blocks.shape[-1] != k // 32 * 20:
+        return None
+    return _q4_pack(lib, blocks, blocks.shape[0], k)[1]
 
 
 def _rmsnorm_kernel(norm: torch.nn.Module):

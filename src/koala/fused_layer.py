@@ -25,13 +25,14 @@ _PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
           "mlp.up_proj", "mlp.down_proj")
 
 
-def _linear(module: torch.nn.Module, kind: int) -> tuple[int, int | None]:
-    """(packed weight, fp32 bias or None) pointers of a linear running on koala's C kernel with weights of `kind`,
-    else KeyError."""
+def _linear(module: torch.nn.Module, kind: int) -> tuple[int, int | None, int]:
+    """(packed weight, fp32 bias or None) pointers and the weight kind of a linear running on koala's C kernel
+    with weights of `kind` (or 4-bit codes standing for bf16 ones), else KeyError."""
     kernel = c_kernel(module)
-    if kernel is None or kernel.kind != kind:
+    codes = kind == cpu_kernels.KINDS[torch.bfloat16] and kernel is not None and kernel.kind == cpu_kernels.Q4
+    if kernel is None or not (kernel.kind == kind or codes):
         raise KeyError("not on koala's linear kernel")
-    return kernel.packed.data_ptr(), None if kernel.bias is None else kernel.bias.data_ptr()
+    return kernel.packed.data_ptr(), None if kernel.bias is None else kernel.bias.data_ptr(), kernel.kind
 
 
 def _norm(module: torch.nn.Module, kind: int) -> tuple[int, float]:
@@ -50,8 +51,10 @@ def fused_forward(layer: torch.nn.Module) -> Callable | None:
     try:
         attn, mlp, dtype = layer.self_attn, layer.mlp, layer.input_layernorm.weight.dtype
         kind = cpu_kernels.KINDS[dtype]
-        (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = (
-            _linear(layer.get_submodule(name), kind) for name in _PARTS)
+        (wq, bq, wkind), (wk, bk, _), (wv, bv, _), (wo, bo, _), (wg, bg, _), (wu, bu, _), (wd, bd, _) = linears = [
+            _linear(layer.get_submodule(name), kind) for name in _PARTS]
+        if len({w for *_, w in linears}) > 1:  # one weight kind per layer: the C calls take one
+            return None
         (w1, eps1), (w2, eps2) = _norm(layer.input_layernorm, kind), _norm(layer.post_attention_layernorm, kind)
         d, act = int(attn.head_dim), mlp.act_fn
         heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
@@ -72,7 +75,7 @@ def fused_forward(layer: torch.nn.Module) -> Callable | None:
         b, n, hidden = x.shape
         cos, sin = (t.contiguous() for t in position_embeddings)
         q, k, v = x.new_empty(b, n, heads, d), x.new_empty(b, n, kv_heads, d), x.new_empty(b, n, kv_heads, d)
-        _check(lib.koala_attn_in(x.data_ptr(), kind, w1, eps1, wq, bq, wk, bk, wv, bv, cos.data_ptr(),
+        _check(lib.koala_attn_in(x.data_ptr(), kind, wkind, w1, eps1, wq, bq, wk, bk, wv, bv, cos.data_ptr(),
                                  sin.data_ptr(), int(cos.shape[0] > 1), q.data_ptr(), k.data_ptr(), v.data_ptr(), b,
                                  n, hidden, heads, kv_heads, d))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # the views transformers makes
@@ -82,10 +85,10 @@ def fused_forward(layer: torch.nn.Module) -> Callable | None:
         a = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)[0]
         a = a.reshape(b * n, heads * d).contiguous()
         r, g, u = torch.empty_like(x), x.new_empty(b, n, inter), x.new_empty(b, n, inter)
-        _check(lib.koala_attn_out(a.data_ptr(), kind, wo, bo, x.data_ptr(), r.data_ptr(), w2, eps2, wg, bg, wu, bu,
-                                  g.data_ptr(), u.data_ptr(), b * n, heads * d, hidden, inter))
+        _check(lib.koala_attn_out(a.data_ptr(), kind, wkind, wo, bo, x.data_ptr(), r.data_ptr(), w2, eps2, wg, bg,
+                                  wu, bu, g.data_ptr(), u.data_ptr(), b * n, heads * d, hidden, inter))
         m = (act(g) * u).contiguous()
-        _check(lib.koala_mlp_out(m.data_ptr(), kind, wd, bd, r.data_ptr(), b * n, inter, hidden))
+        _check(lib.koala_mlp_out(m.data_ptr(), kind, wkind, wd, bd, r.data_ptr(), b * n, inter, hidden))
         return r
 
     # the C calls get raw pointers: hold what they point into (packed weights, biases, norm weights)
@@ -139,9 +142,10 @@ def use_fused_layers(model: torch.nn.Module) -> int:
     return count
 
 
-def use_cpu_kernels(model: torch.nn.Module) -> None:
+def use_cpu_kernels(model: torch.nn.Module, codes: dict[str, torch.Tensor] | None = None) -> None:
     """Everything koala's CPU kernels give a frozen model (a target or a draft head), in the order that works: the
-    linears, then the norms, then the fused layers that call both."""
-    use_invariant_linears(model)  # rows independent of the row count, and faster (see the module)
+    linears (on 4-bit `codes` where given: koala.gguf_codes), then the norms, then the fused layers that call
+    both."""
+    use_invariant_linears(model, codes)  # rows independent of the row count, and faster (see the module)
     cpu_kernels.use_kernel_norms(model)
     use_fused_layers(model)  # the same bits with a tenth of the Python calls

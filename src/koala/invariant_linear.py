@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from koala.cpu_kernels import linear_kernel
+from koala.cpu_kernels import linear_kernel, q4_kernel
 
 MAX_BLOCK = 128  # rows per call; prefills run in blocks of this many rows
 PROBE_ROWS = (2, 3, 5, 8, 13, 17, 24, 33, 48, 65, 96, 128)  # row counts the load-time check compares
@@ -66,11 +66,13 @@ def bf16_backend() -> str:
     return "koala" if linear_kernel(weight, None) is not None else "torch"
 
 
-def _kernel(linear: torch.nn.Module) -> Kernel:
-    """The first available of: packed oneDNN bf16, koala's C kernel, F.linear."""
+def _kernel(linear: torch.nn.Module, codes: torch.Tensor | None = None) -> Kernel:
+    """The first available of: koala's C kernel on the weight's 4-bit codes (GGUF Q4_1 blocks that rebuild it
+    exactly; koala.gguf_codes), packed oneDNN bf16, koala's C kernel, F.linear."""
     bias = getattr(linear, "bias", None)
     weight, bias = linear.weight.detach(), None if bias is None else bias.detach()
-    return _onednn_bf16(weight, bias) or linear_kernel(weight, bias) or (lambda x: F.linear(x, weight, bias))
+    return ((codes is not None and q4_kernel(codes, weight, bias)) or _onednn_bf16(weight, bias)
+            or linear_kernel(weight, bias) or (lambda x: F.linear(x, weight, bias)))
 
 
 def invariant_block(kernel: Kernel, in_features: int, dtype: torch.dtype, limit: int = MAX_BLOCK) -> int:
@@ -104,16 +106,20 @@ def c_kernel(module: torch.nn.Module) -> Callable | None:
 
 
 @torch.inference_mode()
-def use_invariant_linears(model: torch.nn.Module) -> dict[tuple[int, int], int]:
+def use_invariant_linears(model: torch.nn.Module, codes: dict[str, torch.Tensor] | None = None
+                          ) -> dict[tuple[int, int], int]:
     """Give every nn.Linear of a frozen CPU model (and every module that computes F.linear(x, self.weight) and says
     so with `frozen_linear = True`, like a draft LM head) a row-invariant kernel run in checked blocks; returns the
-    block per weight shape. The weights must not change afterwards (the kernels read them, or packed copies)."""
+    block per weight shape. `codes`: {module name: 4-bit blocks of its weight} (see _kernel; a kernel on them gives
+    the bf16 kernel's bits, so shares its block). The weights must not change afterwards (the kernels read them, or
+    packed copies)."""
     blocks: dict[tuple[int, int], int] = {}
-    for module in model.modules():
+    codes = codes or {}
+    for name, module in model.named_modules():
         linear = type(module) is torch.nn.Linear or getattr(module, "frozen_linear", False)
         if not linear or module.weight.device.type != "cpu":
             continue
-        kernel = _kernel(module)
+        kernel = _kernel(module, codes.get(name))
         shape = tuple(module.weight.shape)
         if shape not in blocks:
             blocks[shape] = invariant_block(kernel, shape[1], module.weight.dtype)

@@ -153,6 +153,7 @@ class Target:
     tokenizer: object
     name: str
     exact_attention: bool = True  # False: keep SDPA in half precision (work that never verifies drafts is faster)
+    gguf: Path | None = None  # the GGUF it came from: a bf16 CPU target's linears read its 4-bit codes
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
@@ -167,7 +168,15 @@ class Target:
             from koala.fused_layer import use_cpu_kernels
 
             use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
-            use_cpu_kernels(self.model)
+            use_cpu_kernels(self.model, self._codes())
+
+    def _codes(self) -> dict[str, torch.Tensor]:
+        """The 4-bit blocks the linears may read instead of bf16 weights (koala.gguf_codes); none with KOALA_Q4=0."""
+        if self.gguf is None or self.dtype != torch.bfloat16 or os.environ.get("KOALA_Q4", "1") == "0":
+            return {}
+        from koala.gguf_codes import q4_blocks
+
+        return q4_blocks(self.model, self.gguf)
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""
@@ -177,7 +186,7 @@ class Target:
         if self.dtype != torch.float32:
             raise ValueError(f"Copies are made from a float32 target (this one is {self.dtype}): load it with "
                              f"--dtype float32 and name the other dtypes per method.")
-        return Target(self._plain_copy().to(dtype), self.tokenizer, self.name, self.exact_attention)
+        return Target(self._plain_copy().to(dtype), self.tokenizer, self.name, self.exact_attention, self.gguf)
 
     def stock_model(self) -> torch.nn.Module:
         """A copy of the model as transformers runs it (its own layer forwards, SDPA attention, none of koala's
@@ -271,12 +280,14 @@ def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
     torch_dtype = resolve_dtype(dtype, device)
-    path = Path(name).expanduser()
+    path, gguf = Path(name).expanduser(), None
     if name == DEFAULT_TARGET:
-        model, tokenizer = _load_gguf(smollm2_gguf(), torch_dtype)
+        gguf = smollm2_gguf()
+        model, tokenizer = _load_gguf(gguf, torch_dtype)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise TargetNotFound(f"GGUF file {path} does not exist.")
+        gguf = path
         model, tokenizer = _load_gguf(path, torch_dtype)
     elif path.exists():
         if not (path / "config.json").is_file():
@@ -292,4 +303,4 @@ def load_target(name: str | None = None, device: str = "cpu", dtype: str | torch
             ) from e
     else:
         raise TargetNotFound(f"Target {name!r} is neither 'smollm2', an existing path, nor a hub id (org/name).")
-    return Target(model.to(device), tokenizer, name, exact_attention)
+    return Target(model.to(device), tokenizer, name, exact_attention, gguf)

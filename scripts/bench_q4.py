@@ -1,0 +1,83 @@
+"""What reading a GGUF target's 4-bit codes buys, side by side in one run: the bf16 target with its linears on the
+codes (koala.gguf_codes, the default where it applies) against the same bf16 target on bf16 weights (KOALA_Q4=0).
+
+Per Spec-Bench first turn (round-robin over the categories, chat template, greedy) and method (vanilla, and each
+head given), the two targets run interleaved, order alternating, --runs times each (median kept). The outputs must
+be identical token for token (the codes give the bf16 kernel's bits); the script says so or fails. Prints tok/s
+medians, the per-question paired ratio (codes / bf16 weights: median and quartiles), and T(n) of both targets.
+
+    .venv/bin/python scripts/bench_q4.py --prompts 26 --heads heads/smollm2-135m/eagle --runs 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from bench_decode import pick_prompts
+from koala.decode import generate
+from koala.drafters.factory import drafter_for_head
+from koala.drafters.plan import measure_latency
+from koala.target import load_target
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
+    return q[0], statistics.median(xs), q[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
+    ap.add_argument("--prompts", type=int, default=26)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--heads", nargs="*", default=[])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    codes = load_target(dtype="bfloat16")
+    os.environ["KOALA_Q4"] = "0"
+    plain = load_target(dtype="bfloat16")
+    del os.environ["KOALA_Q4"]
+    targets = {"codes": codes, "bf16 weights": plain}
+    print("T(n) ms over a 256-token cache (fastest of 5, interleaved):")
+    sizes = (1, 3, 7, 15, 31)
+    for name, t in targets.items():
+        lat = measure_latency(t, sizes, 5, 256).seconds
+        print(f"  {name:13s} " + " ".join(f"T({n + 1})={1000 * lat[n]:.1f}" for n in (0, *sizes)))
+    prompts = [codes.encode(p) for _, p in pick_prompts(args.questions, args.prompts)]
+    methods = ["vanilla", *args.heads]
+    print(f"\n{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, {args.threads} threads, "
+          f"median of {args.runs} runs per prompt\n")
+    print("| method | codes tok/s | bf16 weights tok/s | paired ratio (q1 / median / q3) | identical |")
+    print("|---|---|---|---|---|")
+    for method in methods:
+        drafters = {name: None if method == "vanilla" else drafter_for_head(method, t) for name, t in targets.items()}
+        speed: dict[str, list[float]] = {name: [] for name in targets}
+        for i, ids in enumerate(prompts):
+            runs: dict[str, list[float]] = {name: [] for name in targets}
+            tokens = {}
+            for r in range(args.runs + 1):  # the first round warms up
+                order = list(targets) if (i + r) % 2 == 0 else list(targets)[::-1]
+                for name in order:
+                    start = time.perf_counter()
+                    out = generate(targets[name], ids, drafters[name], max_new_tokens=args.max_new_tokens)
+                    if r:
+                        runs[name].append(len(out.tokens) / (time.perf_counter() - start))
+                    tokens[name] = out.tokens
+            if tokens["codes"] != tokens["bf16 weights"]:
+                raise SystemExit(f"{method}, prompt {i}: the two targets' outputs differ")
+            for name in targets:
+                speed[name].append(statistics.median(runs[name]))
+        ratios = [a / b for a, b in zip(speed["codes"], speed["bf16 weights"])]
+        q1, med, q3 = _quartiles(ratios)
+        print(f"| {method} | {statistics.median(speed['codes']):.1f} | {statistics.median(speed['bf16 weights']):.1f}"
+              f" | {q1:.3f} / {med:.3f} / {q3:.3f} | yes |")
+
+
+if __name__ == "__main__":
+    main()
