@@ -1,5 +1,5 @@
 """What reading a GGUF target's 4-bit codes buys, side by side in one run: the bf16 target with its linears on the
-codes (koala.gguf_codes, the default where it applies) against the same bf16 target on bf16 weights (KOALA_Q4=0).
+codes (koala.gguf_codes, the default where it applies) against the same bf16 target on bf16 weights (KOALA_CODES=0).
 
 Per Spec-Bench first turn (round-robin over the categories, chat template, greedy) and method (vanilla, and each
 head given), the two targets run interleaved, order alternating, --runs times each (median kept). The outputs must
@@ -40,9 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     codes = load_target(dtype="bfloat16")
-    os.environ["KOALA_Q4"] = "0"
+    os.environ["KOALA_CODES"] = "0"
     plain = load_target(dtype="bfloat16")
-    del os.environ["KOALA_Q4"]
+    del os.environ["KOALA_CODES"]
     targets = {"codes": codes, "bf16 weights": plain}
     print("T(n) ms over a 256-token cache (fastest of 5, interleaved):")
     sizes = (1, 3, 7, 15, 31)

@@ -37,7 +37,8 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-
 AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16")
 AVX512_CPU = {"avx512f", "avx512bw", "avx512_bf16"}
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-Q4 = 3  # packed 4-bit weights (q4_kernel)
+Q4, Q8 = 3, 4  # packed coded weights (codes_kernel): a GGUF's Q4_1 and Q8_0 blocks
+BLOCK_BYTES = {Q4: 20, Q8: 34}  # bytes of one GGUF block of 32 weights
 _why: list[str] = []
 
 
@@ -114,8 +115,9 @@ def library() -> ctypes.CDLL | None:
     lib.key = _key(flags)
     lib.koala_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.koala_pack.restype = None
-    lib.koala_pack_q4.argtypes = lib.koala_unpack_q4.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    lib.koala_pack_q4.restype = lib.koala_unpack_q4.restype = ctypes.c_int
+    lib.koala_pack_codes.argtypes = lib.koala_unpack_codes.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+                                                                        + [ctypes.c_int64] * 2)
+    lib.koala_pack_codes.restype = lib.koala_unpack_codes.restype = ctypes.c_int
     lib.koala_packed_bytes.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     lib.koala_packed_bytes.restype = ctypes.c_int64
     lib.koala_rmsnorm.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_float, ctypes.c_void_p,
@@ -183,22 +185,19 @@ def linear_kernel(weight: torch.Tensor, bias: torch.Tensor | None):
     return run
 
 
-def q4_kernel(blocks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """The bf16 linear of `weight` read from 4-bit codes: `blocks` (N, K / 32 * 20) uint8 are the weight's GGUF
-    Q4_1 blocks (rows in the weight's order), from which a bf16 weight came by dequantising and rounding. The
-    kernel gives bf16 rows exactly `linear_kernel(weight)`'s bits (the same chain on the same values) reading 6 bits
-    a weight instead of 16 (kernels/cpu_kernels.c, "4-bit weights"). None unless the AVX-512 build runs here and
-    the codes rebuild `weight` bit for bit. Rows of another dtype take F.linear (a bf16 target never sends any)."""
-    lib = library()
-    if (lib is None or lib.koala_isa() != 512 or weight.dtype != torch.bfloat16 or weight.dim() != 2
-            or blocks.dtype != torch.uint8):
+def codes_kernel(blocks: torch.Tensor, kind: int, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The bf16 linear of `weight` read from codes: `blocks` (N, K / 32 * BLOCK_BYTES[kind]) uint8 are the weight's
+    GGUF blocks (Q4: Q4_1, Q8: Q8_0; rows in the weight's order), from which a bf16 weight came by dequantising and
+    rounding. The kernel gives bf16 rows exactly `linear_kernel(weight)`'s bits (the same chain on the same values)
+    reading 6 or 9 bits a weight instead of 16 (kernels/cpu_kernels.c, "Coded weights"). None unless the AVX-512
+    build runs here and the codes rebuild `weight` bit for bit. Rows of another dtype take F.linear (a bf16 target
+    never sends any)."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or blocks.shape[0] != weight.shape[0]:
         return None
-    n, k = weight.shape
-    if k % 32 or tuple(blocks.shape) != (n, k // 32 * 20):
+    packed, values = _pack_codes(blocks, kind, weight.shape[1])
+    if packed is None or not torch.equal(values, weight):
         return None
-    packed, back = _q4_pack(lib, blocks, n, k)
-    if not torch.equal(back, weight):
-        return None
+    lib, (n, k) = library(), weight.shape
     weight = weight.detach()
     bias = None if bias is None else bias.detach().float().contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
@@ -208,33 +207,36 @@ def q4_kernel(blocks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         rows = x.contiguous()
         out = torch.empty(rows.shape[0], n, dtype=out_dtype or rows.dtype)
-        if lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), Q4, bias_ptr, out.data_ptr(),
+        if lib.koala_linear(rows.data_ptr(), KINDS[rows.dtype], packed.data_ptr(), kind, bias_ptr, out.data_ptr(),
                             KINDS[out.dtype], rows.shape[0], n, k):
             raise MemoryError(f"koala_linear could not allocate {rows.shape[0]} x {k} floats")
         return out
 
-    run.packed, run.bias, run.kind = packed, bias, Q4
+    run.packed, run.bias, run.kind = packed, bias, kind
     return run
 
 
-def _q4_pack(lib: ctypes.CDLL, blocks: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_1 blocks (n, k / 32 * 20) -> (Q4 panels, the bf16 (n, k) weight the kernel reads from them)."""
-    blocks = blocks.contiguous()
-    packed = torch.empty(lib.koala_packed_bytes(Q4, n, k), dtype=torch.uint8)
-    back = torch.empty(n, k, dtype=torch.bfloat16)
-    if lib.koala_pack_q4(blocks.data_ptr(), packed.data_ptr(), n, k) or lib.koala_unpack_q4(
-            packed.data_ptr(), back.data_ptr(), n, k):
-        raise ValueError(f"Q4 blocks need a row length divisible by 32, got {k}")
-    return packed, back
-
-
-def q4_values(blocks: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The bf16 (N, k) weight GGUF Q4_1 blocks (N, k / 32 * 20) stand for, as q4_kernel reads it (None where that
-    kernel does not run here)."""
+def _pack_codes(blocks: torch.Tensor, kind: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """GGUF blocks (N, k / 32 * BLOCK_BYTES[kind]) -> (coded panels, the bf16 (N, k) weight the kernel reads from
+    them), or (None, None) where the kernel does not run here or the shapes do not fit."""
     lib = library()
-    if lib is None or lib.koala_isa() != 512 or k % 32 or blocks.shape[-1] != k // 32 * 20:
-        return None
-    return _q4_pack(lib, blocks, blocks.shape[0], k)[1]
+    n = blocks.shape[0]
+    if (lib is None or lib.koala_isa() != 512 or kind not in BLOCK_BYTES or blocks.dtype != torch.uint8 or k % 32
+            or tuple(blocks.shape) != (n, k // 32 * BLOCK_BYTES[kind])):
+        return None, None
+    blocks = blocks.contiguous()
+    packed = torch.empty(lib.koala_packed_bytes(kind, n, k), dtype=torch.uint8)
+    values = torch.empty(n, k, dtype=torch.bfloat16)
+    if lib.koala_pack_codes(blocks.data_ptr(), kind, packed.data_ptr(), n, k) or lib.koala_unpack_codes(
+            packed.data_ptr(), kind, values.data_ptr(), n, k):
+        return None, None
+    return packed, values
+
+
+def code_values(blocks: torch.Tensor, kind: int, k: int) -> torch.Tensor | None:
+    """The bf16 (N, k) weight GGUF blocks of `kind` stand for, as codes_kernel reads it (None where that kernel
+    does not run here)."""
+    return _pack_codes(blocks, kind, k)[1]
 
 
 def _rmsnorm_kernel(norm: torch.nn.Module):

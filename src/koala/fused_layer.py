@@ -29,7 +29,7 @@ def _linear(module: torch.nn.Module, kind: int) -> tuple[int, int | None, int]:
     """(packed weight, fp32 bias or None) pointers and the weight kind of a linear running on koala's C kernel
     with weights of `kind` (or 4-bit codes standing for bf16 ones), else KeyError."""
     kernel = c_kernel(module)
-    codes = kind == cpu_kernels.KINDS[torch.bfloat16] and kernel is not None and kernel.kind == cpu_kernels.Q4
+    codes = kind == cpu_kernels.KINDS[torch.bfloat16] and kernel is not None and kernel.kind in cpu_kernels.BLOCK_BYTES
     if kernel is None or not (kernel.kind == kind or codes):
         raise KeyError("not on koala's linear kernel")
     return kernel.packed.data_ptr(), None if kernel.bias is None else kernel.bias.data_ptr(), kernel.kind
@@ -142,9 +142,9 @@ def use_fused_layers(model: torch.nn.Module) -> int:
     return count
 
 
-def use_cpu_kernels(model: torch.nn.Module, codes: dict[str, torch.Tensor] | None = None) -> None:
+def use_cpu_kernels(model: torch.nn.Module, codes: dict[str, tuple[int, torch.Tensor]] | None = None) -> None:
     """Everything koala's CPU kernels give a frozen model (a target or a draft head), in the order that works: the
-    linears (on 4-bit `codes` where given: koala.gguf_codes), then the norms, then the fused layers that call
+    linears (on a GGUF's `codes` where given: koala.gguf_codes), then the norms, then the fused layers that call
     both."""
     use_invariant_linears(model, codes)  # rows independent of the row count, and faster (see the module)
     cpu_kernels.use_kernel_norms(model)

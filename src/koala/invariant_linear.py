@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from koala.cpu_kernels import linear_kernel, q4_kernel
+from koala.cpu_kernels import codes_kernel, linear_kernel
 
 MAX_BLOCK = 128  # rows per call; prefills run in blocks of this many rows
 PROBE_ROWS = (2, 3, 5, 8, 13, 17, 24, 33, 48, 65, 96, 128)  # row counts the load-time check compares
@@ -66,12 +66,12 @@ def bf16_backend() -> str:
     return "koala" if linear_kernel(weight, None) is not None else "torch"
 
 
-def _kernel(linear: torch.nn.Module, codes: torch.Tensor | None = None) -> Kernel:
-    """The first available of: koala's C kernel on the weight's 4-bit codes (GGUF Q4_1 blocks that rebuild it
+def _kernel(linear: torch.nn.Module, codes: tuple[int, torch.Tensor] | None = None) -> Kernel:
+    """The first available of: koala's C kernel on the weight's codes ((kind, GGUF blocks) that rebuild it
     exactly; koala.gguf_codes), packed oneDNN bf16, koala's C kernel, F.linear."""
     bias = getattr(linear, "bias", None)
     weight, bias = linear.weight.detach(), None if bias is None else bias.detach()
-    return ((codes is not None and q4_kernel(codes, weight, bias)) or _onednn_bf16(weight, bias)
+    return ((codes is not None and codes_kernel(codes[1], codes[0], weight, bias)) or _onednn_bf16(weight, bias)
             or linear_kernel(weight, bias) or (lambda x: F.linear(x, weight, bias)))
 
 
@@ -106,11 +106,11 @@ def c_kernel(module: torch.nn.Module) -> Callable | None:
 
 
 @torch.inference_mode()
-def use_invariant_linears(model: torch.nn.Module, codes: dict[str, torch.Tensor] | None = None
+def use_invariant_linears(model: torch.nn.Module, codes: dict[str, tuple[int, torch.Tensor]] | None = None
                           ) -> dict[tuple[int, int], int]:
     """Give every nn.Linear of a frozen CPU model (and every module that computes F.linear(x, self.weight) and says
     so with `frozen_linear = True`, like a draft LM head) a row-invariant kernel run in checked blocks; returns the
-    block per weight shape. `codes`: {module name: 4-bit blocks of its weight} (see _kernel; a kernel on them gives
+    block per weight shape. `codes`: {module name: (kind, GGUF blocks of its weight)} (see _kernel; a kernel on them gives
     the bf16 kernel's bits, so shares its block). The weights must not change afterwards (the kernels read them, or
     packed copies)."""
     blocks: dict[tuple[int, int], int] = {}

@@ -153,7 +153,7 @@ class Target:
     tokenizer: object
     name: str
     exact_attention: bool = True  # False: keep SDPA in half precision (work that never verifies drafts is faster)
-    gguf: Path | None = None  # the GGUF it came from: a bf16 CPU target's linears read its 4-bit codes
+    gguf: Path | None = None  # the GGUF it came from: a bf16 CPU target's linears read its codes
 
     def __post_init__(self) -> None:
         self.model.eval().requires_grad_(False)
@@ -170,13 +170,14 @@ class Target:
             use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
             use_cpu_kernels(self.model, self._codes())
 
-    def _codes(self) -> dict[str, torch.Tensor]:
-        """The 4-bit blocks the linears may read instead of bf16 weights (koala.gguf_codes); none with KOALA_Q4=0."""
-        if self.gguf is None or self.dtype != torch.bfloat16 or os.environ.get("KOALA_Q4", "1") == "0":
+    def _codes(self) -> dict[str, tuple[int, torch.Tensor]]:
+        """The GGUF blocks the linears may read instead of bf16 weights (koala.gguf_codes); none with
+        KOALA_CODES=0."""
+        if self.gguf is None or self.dtype != torch.bfloat16 or os.environ.get("KOALA_CODES", "1") == "0":
             return {}
-        from koala.gguf_codes import q4_blocks
+        from koala.gguf_codes import gguf_codes
 
-        return q4_blocks(self.model, self.gguf)
+        return gguf_codes(self.model, self.gguf)
 
     def with_dtype(self, dtype: str | torch.dtype) -> Target:
         """A copy of this target in another dtype (e.g. to compare fp32 and bf16 decoding in one benchmark)."""

@@ -15,8 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Q4: packed weights only (koala_pack_q4), bf16 values held as 4-bit codes with a per-block scale and offset. */
-enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 3, PANEL = 16, ROWS = 6 };
+/* Q4, Q8: packed weights only (koala_pack_codes), bf16 values held as a GGUF's 4- or 8-bit codes. */
+enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 3, Q8 = 4, PANEL = 16, ROWS = 6 };
 
 static inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -186,7 +186,7 @@ TILES(F16)
    allocated (y untouched). */
 int koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
                  int64_t M, int64_t N, int64_t K) {
-  if (kind == Q4) return -2; /* 4-bit weights need the AVX-512 build */
+  if (kind == Q4 || kind == Q8) return -2; /* coded weights need the AVX-512 build */
   const float *xf = (const float *)x;
   float *wide = 0;
   if (xkind != F32) {
@@ -209,8 +209,8 @@ int koala_linear(const void *x, int xkind, const void *packed, int kind, const f
   return 0;
 }
 
-int koala_pack_q4(const void *blocks, void *packed, int64_t N, int64_t K) { return -2; }
-int koala_unpack_q4(const void *packed, void *w, int64_t N, int64_t K) { return -2; }
+int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int64_t K) { return -2; }
+int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t K) { return -2; }
 
 #else
 /* The AVX-512 linear: the same panels of 16 columns and the same per-element chains, 16 lanes wide, two panels per
@@ -225,7 +225,7 @@ int koala_unpack_q4(const void *packed, void *w, int64_t N, int64_t K) { return 
 enum { WROWS = 8 };
 
 static int64_t panel_bytes(int kind, int64_t K) {
-  if (kind == Q4) return K / 32 * (2 * PANEL * 4 + 16 * PANEL);
+  if (kind == Q4 || kind == Q8) return K / 32 * (kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL);
   return PANEL * (kind == BF16 ? K + (K & 1) : K) * elem_bytes(kind);
 }
 
@@ -260,6 +260,32 @@ static inline __m512 load_wide(const void *panel, int kind, int64_t k) {
                                    : _mm512_slli_epi32(v, 16));
 }
 
+/* The tile's R x 32 results (bias added) into y, rounded to its kind. */
+static inline __attribute__((always_inline)) void store_tile(int R, __m512 acc[][2], const float *bias, void *y,
+                                                             int ykind, int64_t m0, int64_t n0, int cols, int64_t N) {
+  float out[WROWS][2 * PANEL];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    _mm512_storeu_ps(out[r], acc[r][0]);
+    _mm512_storeu_ps(out[r] + PANEL, acc[r][1]);
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < cols; c++) store(y, ykind, (m0 + r) * N + n0 + c, bias ? out[r][c] + bias[n0 + c] : out[r][c]);
+}
+
+/* Step s of the bf16 dot chain: R bf16 rows (K apart) x two panels' bf16 values w0, w1. */
+static inline __attribute__((always_inline)) void dot_step(int R, __m512 acc[][2], const uint16_t *xh, int64_t K,
+                                                           int64_t s, __m512bh w0, __m512bh w1) {
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; r++) {
+    int32_t pair;
+    __builtin_memcpy(&pair, xh + r * K + 2 * s, 4);
+    __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
+  }
+}
+
 /* R rows x the two panels at `panel` (columns [n0, n0 + cols), cols <= 32) into y. dot: x is bf16 rows and the
    products run in vdpbf16ps; else x is fp32 rows. R, kind and dot are constants at every call site. */
 static inline __attribute__((always_inline)) void tile(int R, int kind, int dot, const void *x, const void *panel,
@@ -273,14 +299,7 @@ static inline __attribute__((always_inline)) void tile(int R, int kind, int dot,
     const uint16_t *xh = (const uint16_t *)x;
     for (int64_t s = 0; s < K / 2; s++) {
       __m512bh w0 = (__m512bh)_mm512_loadu_si512(p0 + s * 64), w1 = (__m512bh)_mm512_loadu_si512(p1 + s * 64);
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; r++) {
-        int32_t pair;
-        __builtin_memcpy(&pair, xh + r * K + 2 * s, 4);
-        __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
-      }
+      dot_step(R, acc, xh, K, s, w0, w1);
     }
   } else {
     const float *xf = (const float *)x;
@@ -294,151 +313,129 @@ static inline __attribute__((always_inline)) void tile(int R, int kind, int dot,
       }
     }
   }
-  float out[WROWS][2 * PANEL];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; r++) {
-    _mm512_storeu_ps(out[r], acc[r][0]);
-    _mm512_storeu_ps(out[r] + PANEL, acc[r][1]);
-  }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < cols; c++) store(y, ykind, (m0 + r) * N + n0 + c, bias ? out[r][c] + bias[n0 + c] : out[r][c]);
+  store_tile(R, acc, bias, y, ykind, m0, n0, cols, N);
 }
 
-/* 4-bit weights (Q4): a GGUF Q4_1 weight holds each block of 32 consecutive k of a row as codes q in 0..15 with
-   an fp16 scale d and offset m, meaning the value d * q + m in fp32 (gguf-py's and llama.cpp's dequantisation);
-   a bf16 target holds that value rounded to bf16. A Q4 panel keeps, per block of 32 k, the 16 columns' d and m as
-   fp32 and then 16 steps of 16 bytes; byte i of step s holds, low, column i / 2's code at k = 2s + i % 2 and,
-   high, column 8 + i / 2's. q4_step rebuilds a step's 32 bf16 values in the layout of the bf16 panels
-   (d * q is exact in fp32, so one FMA rounds d * q + m as the multiply-then-add does; then nearest even to bf16:
-   the same value), so the vdpbf16ps chain below is the bf16 one, bit for bit, reading 2.7x fewer bytes. */
-enum { Q4_BLOCK = 32, Q4_BLOCK_BYTES = 2 * PANEL * 4 + Q4_BLOCK / 2 * PANEL };
+/* Coded weights: a GGUF file holds a weight as blocks of 32 consecutive k of a row, Q4_1 as 4-bit codes q with an
+   fp16 scale d and offset m (the value d * q + m in fp32, as gguf-py and llama.cpp dequantise it), Q8_0 as int8
+   codes with an fp16 scale (d * q); a bf16 target loaded from it holds those values rounded to bf16. A coded panel
+   keeps, per block of 32 k, the 16 columns' d (and for Q4 m) as fp32, then 16 steps. Q4 steps are 16 bytes: byte
+   i holds, low, column i / 2's code at k = 2s + i % 2 and, high, column 8 + i / 2's; Q8 steps are 32 bytes, byte i
+   column i / 2's code and byte 16 + i column 8 + i / 2's. code_step rebuilds a step's 32 bf16 values in the layout
+   of the bf16 panels (d * q is exact in fp32, so one FMA rounds d * q + m as multiply-then-add does; then nearest
+   even to bf16: the same values), so the vdpbf16ps chain below is the bf16 one, bit for bit, reading 6 (Q4) or 9
+   (Q8) bits a weight instead of 16. */
+enum { CODE_BLOCK = 32 };
 
-/* d or m of a block (16 columns) as the two vectors q4_step wants: lane i holds column i / 2, or 8 + i / 2. */
-static inline void q4_lanes(const uint8_t *v, __m512 *lo, __m512 *hi) {
+static inline int64_t code_block_bytes(int kind) { return kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL; }
+
+/* 16 columns' fp32 scales as the two vectors code_step wants: lane i holds column i / 2, or 8 + i / 2. */
+static inline void code_lanes(const uint8_t *v, __m512 *lo, __m512 *hi) {
   const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   __m512 all = _mm512_loadu_ps(v);
   *lo = _mm512_permutexvar_ps(first, all);
   *hi = _mm512_permutexvar_ps(_mm512_add_epi32(first, _mm512_set1_epi32(8)), all);
 }
 
-static inline __m512bh q4_step(const uint8_t *codes, __m512 dlo, __m512 mlo, __m512 dhi, __m512 mhi) {
-  const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)codes));
-  __m512 lo = _mm512_permutexvar_ps(v, q), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), q);  /* 4 bits */
-  return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, dhi, mhi), _mm512_fmadd_ps(lo, dlo, mlo));
+/* A block's scales (d low, d high, m low, m high) in the lanes of code_lanes. */
+static inline void code_scales(int kind, const uint8_t *block, __m512 *s) {
+  code_lanes(block, &s[0], &s[1]);
+  if (kind == Q4) code_lanes(block + 64, &s[2], &s[3]);
 }
 
-/* The bf16 dot tile of `tile` on two Q4 panels. */
-static inline __attribute__((always_inline)) void tile_q4(int R, const void *x, const void *panel, int64_t bytes,
-                                                          const float *bias, void *y, int ykind, int64_t m0,
-                                                          int64_t n0, int cols, int64_t N, int64_t K) {
+static inline __m512bh code_step(int kind, const uint8_t *block, int64_t j, const __m512 *s) {
+  if (kind == Q4) {
+    const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + 128 + j * PANEL)));
+    __m512 lo = _mm512_permutexvar_ps(v, q), hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), q); /* 4 bits */
+    return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s[1], s[3]), _mm512_fmadd_ps(lo, s[0], s[2]));
+  }
+  const __m128i *codes = (const __m128i *)(block + 64 + j * 2 * PANEL);
+  __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes)));
+  __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(codes + 1)));
+  return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s[1]), _mm512_mul_ps(lo, s[0]));
+}
+
+/* The bf16 dot tile of `tile` on two coded panels of `kind` (a constant at every call site; dot: always). */
+static inline __attribute__((always_inline)) void tile_codes(int R, int kind, int dot, const void *x,
+                                                             const void *panel, int64_t bytes, const float *bias,
+                                                             void *y, int ykind, int64_t m0, int64_t n0, int cols,
+                                                             int64_t N, int64_t K) {
   __m512 acc[WROWS][2];
   const uint8_t *p0 = (const uint8_t *)panel, *p1 = p0 + bytes;
   const uint16_t *xh = (const uint16_t *)x;
+  int64_t size = code_block_bytes(kind);
   #pragma GCC unroll 8
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / Q4_BLOCK; b++) {
-    const uint8_t *b0 = p0 + b * Q4_BLOCK_BYTES, *b1 = p1 + b * Q4_BLOCK_BYTES;
-    __m512 dl0, dh0, ml0, mh0, dl1, dh1, ml1, mh1;
-    q4_lanes(b0, &dl0, &dh0);
-    q4_lanes(b0 + 64, &ml0, &mh0);
-    q4_lanes(b1, &dl1, &dh1);
-    q4_lanes(b1 + 64, &ml1, &mh1);
-    for (int64_t j = 0; j < Q4_BLOCK / 2; j++) {
-      __m512bh w0 = q4_step(b0 + 128 + j * PANEL, dl0, ml0, dh0, mh0);
-      __m512bh w1 = q4_step(b1 + 128 + j * PANEL, dl1, ml1, dh1, mh1);
-      int64_t s = b * Q4_BLOCK / 2 + j;
-      #pragma GCC unroll 8
-      for (int r = 0; r < R; r++) {
-        int32_t pair;
-        __builtin_memcpy(&pair, xh + r * K + 2 * s, 4);
-        __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xv, w0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xv, w1);
-      }
+  for (int64_t b = 0; b < K / CODE_BLOCK; b++) {
+    const uint8_t *b0 = p0 + b * size, *b1 = p1 + b * size;
+    __m512 s0[4], s1[4];
+    code_scales(kind, b0, s0);
+    code_scales(kind, b1, s1);
+    for (int64_t j = 0; j < CODE_BLOCK / 2; j++) {
+      __m512bh w0 = code_step(kind, b0, j, s0), w1 = code_step(kind, b1, j, s1);
+      int64_t s = b * CODE_BLOCK / 2 + j;
+      dot_step(R, acc, xh, K, s, w0, w1);
     }
   }
-  float out[WROWS][2 * PANEL];
-  #pragma GCC unroll 8
-  for (int r = 0; r < R; r++) {
-    _mm512_storeu_ps(out[r], acc[r][0]);
-    _mm512_storeu_ps(out[r] + PANEL, acc[r][1]);
-  }
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < cols; c++) store(y, ykind, (m0 + r) * N + n0 + c, bias ? out[r][c] + bias[n0 + c] : out[r][c]);
+  store_tile(R, acc, bias, y, ykind, m0, n0, cols, N);
 }
 
-static void rows_Q4(const void *x, int64_t row_bytes, const void *panel, int64_t bytes, const float *bias, void *y,
-                    int ykind, int64_t M, int64_t n0, int cols, int64_t N, int64_t K) {
-  int64_t m = 0;
-  for (; m + WROWS <= M; m += WROWS)
-    tile_q4(WROWS, (const char *)x + m * row_bytes, panel, bytes, bias, y, ykind, m, n0, cols, N, K);
-  const void *xm = (const char *)x + m * row_bytes;
-  switch (M - m) {
-    case 7: tile_q4(7, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 6: tile_q4(6, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 5: tile_q4(5, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 4: tile_q4(4, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 3: tile_q4(3, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 2: tile_q4(2, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-    case 1: tile_q4(1, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;
-  }
-}
 
-/* GGUF Q4_1 blocks (N rows of K / 32 blocks: fp16 d, fp16 m, 16 bytes where byte i holds element i low and
-   element 16 + i high) -> Q4 panels (koala_packed_bytes(Q4, N, K) bytes). Returns 0, or -1 when K is not a
-   multiple of 32. */
-int koala_pack_q4(const void *blocks, void *packed, int64_t N, int64_t K) {
-  if (K % Q4_BLOCK) return -1;
-  int64_t panels = (N + PANEL - 1) / PANEL, padded = panels + (panels & 1), nb = K / Q4_BLOCK;
+/* GGUF blocks of `kind` (N rows of K / 32 blocks; Q4_1: fp16 d, fp16 m, 16 bytes where byte i holds element i
+   low and element 16 + i high; Q8_0: fp16 d, 32 int8) -> coded panels (koala_packed_bytes(kind, N, K) bytes).
+   Returns 0, or -1 for another kind or a K that is not a multiple of 32. */
+int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int64_t K) {
+  if ((kind != Q4 && kind != Q8) || K % CODE_BLOCK) return -1;
+  int64_t panels = (N + PANEL - 1) / PANEL, padded = panels + (panels & 1), nb = K / CODE_BLOCK;
+  int64_t size = code_block_bytes(kind), src_size = kind == Q4 ? 20 : 34, steps = kind == Q4 ? 128 : 64;
   #pragma omp parallel for schedule(static)
   for (int64_t p = 0; p < padded; p++)
     for (int64_t b = 0; b < nb; b++) {
-      uint8_t *out = (uint8_t *)packed + (p * nb + b) * Q4_BLOCK_BYTES;
-      __builtin_memset(out, 0, Q4_BLOCK_BYTES);
-      for (int64_t c = 0; c < PANEL; c++) {
-        int64_t n = p * PANEL + c;
-        const uint8_t *src = (const uint8_t *)blocks + (n * nb + b) * 20;
-        uint16_t dh, mh;
-        uint8_t q[Q4_BLOCK];
-        if (n < N) {
-          __builtin_memcpy(&dh, src, 2);
-          __builtin_memcpy(&mh, src + 2, 2);
+      uint8_t *out = (uint8_t *)packed + (p * nb + b) * size;
+      __builtin_memset(out, 0, size);
+      for (int64_t c = 0; c < PANEL && p * PANEL + c < N; c++) {
+        const uint8_t *src = (const uint8_t *)blocks + ((p * PANEL + c) * nb + b) * src_size;
+        uint16_t half;
+        uint8_t q[CODE_BLOCK];
+        __builtin_memcpy(&half, src, 2);
+        ((float *)out)[c] = _cvtsh_ss(half);
+        if (kind == Q4) {
+          __builtin_memcpy(&half, src + 2, 2);
+          ((float *)out)[PANEL + c] = _cvtsh_ss(half);
           for (int i = 0; i < 16; i++) q[i] = src[4 + i] & 15, q[16 + i] = src[4 + i] >> 4;
         } else {
-          dh = mh = 0;
-          __builtin_memset(q, 0, sizeof q);
+          __builtin_memcpy(q, src + 2, CODE_BLOCK);
         }
-        ((float *)out)[c] = _cvtsh_ss(dh);
-        ((float *)out)[PANEL + c] = _cvtsh_ss(mh);
-        for (int j = 0; j < Q4_BLOCK / 2; j++)  /* column c's codes at k = 2j, 2j + 1: bytes 2c, 2c + 1 (mod 16) */
-          for (int h = 0; h < 2; h++) out[128 + j * PANEL + 2 * (c % 8) + h] |= (uint8_t)(q[2 * j + h] << (c < 8 ? 0 : 4));
+        for (int j = 0; j < CODE_BLOCK / 2; j++)  /* column c's codes at k = 2j, 2j + 1 */
+          for (int h = 0; h < 2; h++) {
+            if (kind == Q4) out[steps + j * PANEL + 2 * (c % 8) + h] |= (uint8_t)(q[2 * j + h] << (c < 8 ? 0 : 4));
+            else out[steps + j * 2 * PANEL + (c < 8 ? 0 : PANEL) + 2 * (c % 8) + h] = q[2 * j + h];
+          }
       }
     }
   return 0;
 }
 
-/* One Q4 panel -> the bf16 panel koala_pack makes of the same values (step s at 2 * PANEL * s). */
-static void q4_panel(const uint8_t *panel, uint16_t *out, int64_t K) {
-  for (int64_t b = 0; b < K / Q4_BLOCK; b++) {
-    const uint8_t *blk = panel + b * Q4_BLOCK_BYTES;
-    __m512 dlo, dhi, mlo, mhi;
-    q4_lanes(blk, &dlo, &dhi);
-    q4_lanes(blk + 64, &mlo, &mhi);
-    for (int64_t j = 0; j < Q4_BLOCK / 2; j++)
-      _mm512_storeu_si512(out + (b * Q4_BLOCK / 2 + j) * 2 * PANEL,
-                          (__m512i)q4_step(blk + 128 + j * PANEL, dlo, mlo, dhi, mhi));
+/* One coded panel -> the bf16 panel koala_pack makes of the same values (step s at 2 * PANEL * s). */
+static void code_panel(int kind, const uint8_t *panel, uint16_t *out, int64_t K) {
+  for (int64_t b = 0; b < K / CODE_BLOCK; b++) {
+    const uint8_t *block = panel + b * code_block_bytes(kind);
+    __m512 s[4];
+    code_scales(kind, block, s);
+    for (int64_t j = 0; j < CODE_BLOCK / 2; j++)
+      _mm512_storeu_si512(out + (b * CODE_BLOCK / 2 + j) * 2 * PANEL, (__m512i)code_step(kind, block, j, s));
   }
 }
 
-/* Q4 panels -> the bf16 weight (N, K) they stand for, by q4_step itself: what a load-time check compares with the
-   target's own bf16 weight. */
-int koala_unpack_q4(const void *packed, void *w, int64_t N, int64_t K) {
-  if (K % Q4_BLOCK) return -1;
+/* Coded panels -> the bf16 weight (N, K) they stand for, by code_step itself: what a load-time check compares
+   with the target's own bf16 weight. Returns 0, or -1 as koala_pack_codes (or without memory). */
+int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t K) {
+  if ((kind != Q4 && kind != Q8) || K % CODE_BLOCK) return -1;
   uint16_t *panel = malloc((size_t)(2 * PANEL * K));
   if (!panel) return -1;
   for (int64_t p = 0; p * PANEL < N; p++) {
-    q4_panel((const uint8_t *)packed + p * panel_bytes(Q4, K), panel, K);
+    code_panel(kind, (const uint8_t *)packed + p * panel_bytes(kind, K), panel, K);
     for (int64_t c = 0; c < PANEL && p * PANEL + c < N; c++)
       for (int64_t k = 0; k < K; k++) ((uint16_t *)w)[(p * PANEL + c) * K + k] = panel[(k / 2) * 2 * PANEL + 2 * c + k % 2];
   }
@@ -446,33 +443,35 @@ int koala_unpack_q4(const void *packed, void *w, int64_t N, int64_t K) {
   return 0;
 }
 
-#define TILES(name, kind, dot)                                                                              \
+#define TILES(name, run, kind, dot)                                                                            \
   static void name(const void *x, int64_t row_bytes, const void *panel, int64_t bytes, const float *bias,   \
                    void *y, int ykind, int64_t M, int64_t n0, int cols, int64_t N, int64_t K) {             \
     int64_t m = 0;                                                                                          \
     for (; m + WROWS <= M; m += WROWS)                                                                      \
-      tile(WROWS, kind, dot, (const char *)x + m * row_bytes, panel, bytes, bias, y, ykind, m, n0, cols, N, K); \
+      run(WROWS, kind, dot, (const char *)x + m * row_bytes, panel, bytes, bias, y, ykind, m, n0, cols, N, K); \
     const void *xm = (const char *)x + m * row_bytes;                                                       \
     switch (M - m) {                                                                                        \
-      case 7: tile(7, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 6: tile(6, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 5: tile(5, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 4: tile(4, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 3: tile(3, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 2: tile(2, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
-      case 1: tile(1, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 7: run(7, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 6: run(6, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 5: run(5, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 4: run(4, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 3: run(3, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 2: run(2, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
+      case 1: run(1, kind, dot, xm, panel, bytes, bias, y, ykind, m, n0, cols, N, K); break;               \
     }                                                                                                       \
   }
-TILES(rows_F32, F32, 0)
-TILES(rows_BF16, BF16, 0)
-TILES(rows_F16, F16, 0)
-TILES(rows_DOT, BF16, 1)
+TILES(rows_F32, tile, F32, 0)
+TILES(rows_BF16, tile, BF16, 0)
+TILES(rows_F16, tile, F16, 0)
+TILES(rows_DOT, tile, BF16, 1)
+TILES(rows_Q4, tile_codes, Q4, 1)
+TILES(rows_Q8, tile_codes, Q8, 1)
 
-/* Many rows on Q4 panels: each pair of panels rebuilt once as bf16 panels (in a scratch buffer per thread) and
+/* Many rows on coded panels: each pair of panels rebuilt once as bf16 panels (in a scratch buffer per thread) and
    run by the bf16 tiles, instead of rebuilding every step for every tile of WROWS rows. The same bits. */
-static int q4_wide(const void *x, const void *packed, const float *bias, void *y, int ykind, int64_t M, int64_t N,
-                   int64_t K) {
-  int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(Q4, K), wide = panel_bytes(BF16, K);
+static int codes_wide(int kind, const void *x, const void *packed, const float *bias, void *y, int ykind, int64_t M,
+                      int64_t N, int64_t K) {
+  int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(kind, K), wide = panel_bytes(BF16, K);
   int bad = 0;
   #pragma omp parallel
   {
@@ -484,8 +483,8 @@ static int q4_wide(const void *x, const void *packed, const float *bias, void *y
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; p++) {
       if (!panels) continue;
-      q4_panel((const uint8_t *)packed + 2 * p * bytes, panels, K);
-      q4_panel((const uint8_t *)packed + (2 * p + 1) * bytes, panels + wide / 2, K);
+      code_panel(kind, (const uint8_t *)packed + 2 * p * bytes, panels, K);
+      code_panel(kind, (const uint8_t *)packed + (2 * p + 1) * bytes, panels + wide / 2, K);
       int64_t n0 = p * 2 * PANEL;
       int cols = N - n0 < 2 * PANEL ? (int)(N - n0) : 2 * PANEL;
       rows_DOT(x, 2 * K, panels, wide, bias, y, ykind, M, n0, cols, N, K);
@@ -497,8 +496,9 @@ static int q4_wide(const void *x, const void *packed, const float *bias, void *y
 
 int koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
                  int64_t M, int64_t N, int64_t K) {
-  if (kind == Q4 && (xkind != BF16 || K % 32)) return -2; /* 4-bit weights take bf16 rows */
-  int dot = (kind == BF16 || kind == Q4) && xkind == BF16 && K % 2 == 0;
+  int coded = kind == Q4 || kind == Q8;
+  if (coded && (xkind != BF16 || K % CODE_BLOCK)) return -2; /* coded weights take bf16 rows */
+  int dot = (kind == BF16 || coded) && xkind == BF16 && K % 2 == 0;
   const void *rows = x;
   float *wide = 0;
   if (xkind != F32 && !dot) {
@@ -508,13 +508,14 @@ int koala_linear(const void *x, int xkind, const void *packed, int kind, const f
     rows = wide;
   }
   int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(kind, K), row_bytes = K * (dot ? 2 : 4);
-  if (kind == Q4 && M > WROWS) return q4_wide(rows, packed, bias, y, ykind, M, N, K);
+  if (coded && M > WROWS) return codes_wide(kind, rows, packed, bias, y, ykind, M, N, K);
   #pragma omp parallel for schedule(static) if (M * N * K > (1 << 17))
   for (int64_t p = 0; p < pairs; p++) {
     const void *panel = (const char *)packed + 2 * p * bytes;
     int64_t n0 = p * 2 * PANEL;
     int cols = N - n0 < 2 * PANEL ? (int)(N - n0) : 2 * PANEL;
     if (kind == Q4) rows_Q4(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
+    else if (kind == Q8) rows_Q8(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
     else if (dot) rows_DOT(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
     else if (kind == F32) rows_F32(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
     else if (kind == BF16) rows_BF16(rows, row_bytes, panel, bytes, bias, y, ykind, M, n0, cols, N, K);
@@ -595,7 +596,7 @@ static void rope(const void *x, int64_t xi, const void *cos, const void *sin, in
 /* x (B * n, hidden) -> the attention's inputs q (B * n, H * D), k and v (B * n, KVH * D) (transformers' layout
    before it views them as heads): RMSNorm (w1, eps), the three projections (packed weights; fp32 biases or NULL),
    RoPE on q and k with cos/sin (B, n, D), or (1, n, D) when cos_rows is 0. All of kind; packed weights of wkind
-   (kind, or Q4 for bf16). Returns 0, or -1 when
+   (kind, or Q4 / Q8 for bf16). Returns 0, or -1 when
    scratch memory could not be allocated. */
 int koala_attn_in(const void *x, int kind, int wkind, const void *w1, float eps, const void *wq, const float *bq,
                   const void *wk, const float *bk, const void *wv, const float *bv, const void *cos, const void *sin,
