@@ -8,6 +8,7 @@ from gguf.quants import dequantize, quantize
 
 from koala import cpu_kernels
 from koala.decode import generate
+from koala.drafters.plan import _target_key
 from koala.drafters import PromptLookupDrafter
 from koala.gguf_codes import LLAMA_NAMES, gguf_codes
 from koala.invariant_linear import c_kernel
@@ -88,10 +89,11 @@ def test_a_gguf_targets_linears_read_its_codes_and_decode_the_same_tokens(tmp_pa
     model, tokenizer, path = _gguf_target(tmp_path)
     found = gguf_codes(model, path)
     assert len(found) == 14 and found["lm_head"][0] == cpu_kernels.Q8  # 2 layers x 7 linears, less one, + head
-    plain = Target(copy.deepcopy(model), tokenizer, "plain")
-    codes = Target(model, tokenizer, "codes", gguf=path)
+    plain = Target(copy.deepcopy(model), tokenizer, "tiny")
+    codes = Target(model, tokenizer, "tiny", gguf=path)
     kinds = _kinds(codes)
     assert kinds.count(cpu_kernels.Q4) == 13 and kinds.count(cpu_kernels.Q8) == 1
+    assert codes.coded_linears == 14 and _target_key(codes) != _target_key(plain)  # timed apart
     prompt = [5, 6, 7, 5, 6, 7, 5, 6, 9, 12]
     want = generate(plain, prompt, max_new_tokens=24).tokens
     assert generate(codes, prompt, max_new_tokens=24).tokens == want

@@ -27,10 +27,12 @@ _PARTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
 
 def _linear(module: torch.nn.Module, kind: int) -> tuple[int, int | None, int]:
     """(packed weight, fp32 bias or None) pointers and the weight kind of a linear running on koala's C kernel
-    with weights of `kind` (or 4-bit codes standing for bf16 ones), else KeyError."""
+    with weights of `kind` (or a GGUF's codes standing for bf16 ones), else KeyError."""
     kernel = c_kernel(module)
-    codes = kind == cpu_kernels.KINDS[torch.bfloat16] and kernel is not None and kernel.kind in cpu_kernels.BLOCK_BYTES
-    if kernel is None or not (kernel.kind == kind or codes):
+    if kernel is None:
+        raise KeyError("not on koala's linear kernel")
+    codes = kind == cpu_kernels.KINDS[torch.bfloat16] and kernel.kind in cpu_kernels.BLOCK_BYTES
+    if not (kernel.kind == kind or codes):
         raise KeyError("not on koala's linear kernel")
     return kernel.packed.data_ptr(), None if kernel.bias is None else kernel.bias.data_ptr(), kernel.kind
 

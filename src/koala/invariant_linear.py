@@ -110,9 +110,9 @@ def use_invariant_linears(model: torch.nn.Module, codes: dict[str, tuple[int, to
                           ) -> dict[tuple[int, int], int]:
     """Give every nn.Linear of a frozen CPU model (and every module that computes F.linear(x, self.weight) and says
     so with `frozen_linear = True`, like a draft LM head) a row-invariant kernel run in checked blocks; returns the
-    block per weight shape. `codes`: {module name: (kind, GGUF blocks of its weight)} (see _kernel; a kernel on them gives
-    the bf16 kernel's bits, so shares its block). The weights must not change afterwards (the kernels read them, or
-    packed copies)."""
+    block per weight shape. `codes`: {module name: (kind, GGUF blocks of its weight)} (see _kernel; a kernel on them
+    gives the bf16 kernel's bits, so shares its block). The weights must not change afterwards (the kernels read
+    them, or packed copies)."""
     blocks: dict[tuple[int, int], int] = {}
     codes = codes or {}
     for name, module in model.named_modules():

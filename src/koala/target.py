@@ -163,12 +163,15 @@ class Target:
         ids = ids if isinstance(ids, list) else [ids]
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.coded_linears = 0  # linears reading the GGUF's codes: their timings differ (koala.drafters.plan keys)
         if self.device.type == "cpu":
             from koala.exact_attention import use_exact_attention
             from koala.fused_layer import use_cpu_kernels
 
             use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
-            use_cpu_kernels(self.model, self._codes())
+            codes = self._codes()
+            use_cpu_kernels(self.model, codes)
+            self.coded_linears = len(codes)
 
     def _codes(self) -> dict[str, tuple[int, torch.Tensor]]:
         """The GGUF blocks the linears may read instead of bf16 weights (koala.gguf_codes); none with

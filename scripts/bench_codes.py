@@ -1,12 +1,14 @@
-"""What reading a GGUF target's 4-bit codes buys, side by side in one run: the bf16 target with its linears on the
-codes (koala.gguf_codes, the default where it applies) against the same bf16 target on bf16 weights (KOALA_CODES=0).
+"""What reading a GGUF target's codes buys, side by side in one run: the bf16 target with its linears on the GGUF's
+Q4_1 / Q8_0 codes (koala.gguf_codes, the default where it applies) against the same bf16 target on bf16 weights
+(KOALA_CODES=0).
 
 Per Spec-Bench first turn (round-robin over the categories, chat template, greedy) and method (vanilla, and each
 head given), the two targets run interleaved, order alternating, --runs times each (median kept). The outputs must
 be identical token for token (the codes give the bf16 kernel's bits); the script says so or fails. Prints tok/s
-medians, the per-question paired ratio (codes / bf16 weights: median and quartiles), and T(n) of both targets.
+medians, the per-question paired ratio (codes / bf16 weights: median and quartiles), T(n) of both targets, and
+plain decoder steps of both interleaved on the first prompt (what a step costs without prefill and sampling).
 
-    .venv/bin/python scripts/bench_q4.py --prompts 26 --heads heads/smollm2-135m/eagle --runs 3
+    .venv/bin/python scripts/bench_codes.py --prompts 26 --heads heads/smollm2-135m/eagle --runs 3
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import time
 import torch
 
 from bench_decode import pick_prompts
-from koala.decode import generate
+from koala.decode import Decoder, Request, generate
 from koala.drafters.factory import drafter_for_head
 from koala.drafters.plan import measure_latency
 from koala.target import load_target
@@ -27,6 +29,28 @@ from koala.target import load_target
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
     return q[0], statistics.median(xs), q[-1]
+
+
+def decode_steps(targets: dict, ids: list[int], rounds: int = 40, steps: int = 5) -> None:
+    """Plain decoder steps of both targets, interleaved in rounds of `steps` (each its own decoder, same prompt)."""
+    decoders = {}
+    for name, t in targets.items():
+        decoders[name] = Decoder(t)
+        decoders[name].add(Request(ids, max_new_tokens=rounds * steps + 10))
+        for _ in range(6):
+            decoders[name].step()
+    ms: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, d in decoders.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                d.step()
+            ms[name].append(1000 * (time.perf_counter() - start) / steps)
+    a, b = ms.values()
+    q1, med, q3 = _quartiles([y / x for x, y in zip(a, b)])
+    print(f"\nplain step, ms (median of {rounds} rounds of {steps}, interleaved): "
+          + ", ".join(f"{name} {statistics.median(v):.2f}" for name, v in ms.items())
+          + f"; bf16 weights / codes per round {q1:.3f} / {med:.3f} / {q3:.3f}")
 
 
 def main() -> None:
@@ -50,6 +74,7 @@ def main() -> None:
         lat = measure_latency(t, sizes, 5, 256).seconds
         print(f"  {name:13s} " + " ".join(f"T({n + 1})={1000 * lat[n]:.1f}" for n in (0, *sizes)))
     prompts = [codes.encode(p) for _, p in pick_prompts(args.questions, args.prompts)]
+    decode_steps(targets, prompts[0])
     methods = ["vanilla", *args.heads]
     print(f"\n{len(prompts)} prompts x {args.max_new_tokens} new tokens, greedy, {args.threads} threads, "
           f"median of {args.runs} runs per prompt\n")
