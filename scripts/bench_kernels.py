@@ -73,7 +73,9 @@ def linear(rows: list[int], repeats: int) -> None:
                                     if w == "bf16" or coded):
         copies = max(2, int(120e6 // (n * k * 2)))
         kernels = _kernels(n, k, weights, copies)
-        size = kernels[0].packed.numel() * kernels[0].packed.element_size()
+        size = kernels[0].packed.numel()  # bytes; coded weights keep bf16 panels after the codes for wide calls
+        if weights != "bf16":
+            size -= cpu_kernels.library().koala_packed_bytes(cpu_kernels.KINDS[torch.bfloat16], n, k)
         cells = []
         for r in rows:
             x = torch.randn(r, k).bfloat16()

