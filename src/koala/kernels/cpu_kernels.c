@@ -224,8 +224,14 @@ int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t
    instruction. bf16 panels store k pairs: value 2c + j of step s is column c at k = 2s + j (K padded to even). */
 enum { WROWS = 8 };
 
+/* Coded weights (see "Coded weights" below): bytes of one block of 32 k of a panel, scales then codes. */
+enum { CODE_BLOCK = 32 };
+static inline int64_t code_block_bytes(int kind) {
+  return kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL;
+}
+
 static int64_t panel_bytes(int kind, int64_t K) {
-  if (kind == Q4 || kind == Q8) return K / 32 * (kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL);
+  if (kind == Q4 || kind == Q8) return K / CODE_BLOCK * code_block_bytes(kind);
   return PANEL * (kind == BF16 ? K + (K & 1) : K) * elem_bytes(kind);
 }
 
@@ -332,9 +338,6 @@ static inline __attribute__((always_inline)) void tile(int R, int kind, int dot,
    (Q8) bits a weight instead of 16. That pays while a call is memory-bound (up to WROWS rows); the rebuild makes
    wider calls compute-bound, so the packed weight also holds the bf16 panels of the same values, after the codes,
    and calls of more rows run on those (the same bits again, at 16 bits a weight of memory more). */
-enum { CODE_BLOCK = 32 };
-
-static inline int64_t code_block_bytes(int kind) { return kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL; }
 
 /* 16 columns' fp32 scales as the two vectors code_step wants: lane i holds column i / 2, or 8 + i / 2. */
 static inline void code_lanes(const uint8_t *v, __m512 *lo, __m512 *hi) {
@@ -387,7 +390,6 @@ static inline __attribute__((always_inline)) void tile_codes(int R, int kind, in
   }
   store_tile(R, acc, bias, y, ykind, m0, n0, cols, N);
 }
-
 
 int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t K);
 
