@@ -5,11 +5,13 @@
 #    checked identical), -> codes.txt.
 # 2. The round-25 eagle3 continuation calibrated in the loop (bf16), then `koala bench` as in round 24 (26
 #    questions, 128 tokens, greedy, bf16, 2 threads, two timed runs per question) with HF generate (on koala's
-#    kernels, codes included) and plain transformers (hf-stock) as the baselines a user compares against.
-set -e
+#    kernels, codes included) and plain transformers (hf-stock) as the baselines a user compares against. Run
+#    before the continuation was shipped: `eagle3` was round 24's head then.
+set -e  # FINAL=1: step 3 only
 cd "$(dirname "$0")/../../.."
 H=heads/smollm2-135m
 R=runs/round25
+if [ -z "$FINAL" ]; then
 .venv/bin/python scripts/bench_codes.py --prompts 13 --heads $H/eagle --runs 2 | tee docs/results/round25/codes.txt
 new=()
 if [ -f $R/eagle3/head/config.json ]; then
@@ -20,3 +22,12 @@ fi
   --max-new-tokens 128 --threads 2 --dtype bfloat16 --runs 2 \
   --method hf-generate --method hf-stock --method eagle=$H/eagle --method eagle3=$H/eagle3 "${new[@]}" \
   --out docs/results/round25/bench
+fi
+# 3. After the final kernel change (bf16 panels kept for calls of more than 8 rows): the shipped heads again, in
+#    one run with vanilla and HF generate -> bench-final/.
+if [ -n "$FINAL" ]; then
+  .venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
+    --max-new-tokens 128 --threads 2 --dtype bfloat16 --runs 2 \
+    --method hf-generate --method eagle=$H/eagle --method eagle3=$H/eagle3 --method eagle3-koala=$H/eagle3-koala \
+    --out docs/results/round25/bench-final
+fi
