@@ -198,7 +198,10 @@ def codes_kernel(blocks: torch.Tensor, kind: int, weight: torch.Tensor, bias: to
     if packed is None or not torch.equal(values, weight):
         return None
     lib, (n, k) = library(), weight.shape
-    weight = weight.detach()
+    weight = weight.detach().contiguous()
+    bf16 = KINDS[torch.bfloat16]  # wide calls read the bf16 panels of the same values, kept after the codes
+    lib.koala_pack(weight.data_ptr(), bf16, packed.data_ptr() + packed.numel() - lib.koala_packed_bytes(bf16, n, k),
+                   n, k)
     bias = None if bias is None else bias.detach().float().contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
 
@@ -216,12 +219,19 @@ def codes_kernel(blocks: torch.Tensor, kind: int, weight: torch.Tensor, bias: to
     return run
 
 
+def codes_run_here() -> bool:
+    """Whether codes_kernel can run here (it needs koala's AVX-512 build)."""
+    lib = library()
+    return lib is not None and lib.koala_isa() == 512
+
+
 def _pack_codes(blocks: torch.Tensor, kind: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """GGUF blocks (N, k / 32 * BLOCK_BYTES[kind]) -> (coded panels, the bf16 (N, k) weight the kernel reads from
-    them), or (None, None) where the kernel does not run here or the shapes do not fit."""
+    """GGUF blocks (N, k / 32 * BLOCK_BYTES[kind]) -> (packed weight with the coded panels written, the bf16 (N, k)
+    weight the kernel reads from them), or (None, None) where the kernel does not run here or the shapes do not
+    fit."""
     lib = library()
     n = blocks.shape[0]
-    if (lib is None or lib.koala_isa() != 512 or kind not in BLOCK_BYTES or blocks.dtype != torch.uint8 or k % 32
+    if (not codes_run_here() or kind not in BLOCK_BYTES or blocks.dtype != torch.uint8 or k % 32
             or tuple(blocks.shape) != (n, k // 32 * BLOCK_BYTES[kind])):
         return None, None
     blocks = blocks.contiguous()

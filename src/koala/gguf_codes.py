@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from koala.cpu_kernels import BLOCK_BYTES, Q4, Q8, code_values
+from koala.cpu_kernels import BLOCK_BYTES, Q4, Q8, code_values, codes_run_here
 
 # transformers' module name -> llama.cpp's tensor name, per decoder layer
 LLAMA_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -96,7 +96,7 @@ def gguf_codes(model: torch.nn.Module, gguf: Path) -> dict[str, tuple[int, torch
     """{module name: (kind, its weight's GGUF blocks (N, K / 32 * block bytes) uint8, rows in the module's order)}
     for the linears of a bf16 `model` loaded from `gguf` whose codes rebuild their weight exactly (empty where the
     coded kernel does not run here)."""
-    if code_values(torch.zeros(1, 20, dtype=torch.uint8), Q4, 32) is None:
+    if not codes_run_here():
         return {}
     tensors = coded_tensors(gguf)
     out = {}

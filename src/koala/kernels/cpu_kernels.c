@@ -391,12 +391,11 @@ static inline __attribute__((always_inline)) void tile_codes(int R, int kind, in
   store_tile(R, acc, bias, y, ykind, m0, n0, cols, N);
 }
 
-int koala_unpack_codes(const void *packed, int kind, void *w, int64_t N, int64_t K);
-
 /* GGUF blocks of `kind` (N rows of K / 32 blocks; Q4_1: fp16 d, fp16 m, 16 bytes where byte i holds element i
-   low and element 16 + i high; Q8_0: fp16 d, 32 int8) -> coded panels, then the
-   bf16 panels of their values (koala_packed_bytes(kind, N, K) bytes in all). Returns 0, or -1 for another kind, a
-   K that is not a multiple of 32, or no memory. */
+   low and element 16 + i high; Q8_0: fp16 d, 32 int8) -> coded panels, the first
+   part of the koala_packed_bytes(kind, N, K) bytes; the caller writes the bf16 panels of the same values after
+   them (koala_pack of the bf16 weight at koala_packed_bytes(kind) - koala_packed_bytes(BF16)). Returns 0, or -1
+   for another kind or a K that is not a multiple of 32. */
 int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int64_t K) {
   if ((kind != Q4 && kind != Q8) || K % CODE_BLOCK) return -1;
   int64_t panels = (N + PANEL - 1) / PANEL, padded = panels + (panels & 1), nb = K / CODE_BLOCK;
@@ -426,11 +425,6 @@ int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int6
           }
       }
     }
-  uint16_t *values = malloc((size_t)(N * K * 2));
-  if (!values) return -1;
-  koala_unpack_codes(packed, kind, values, N, K);
-  koala_pack(values, BF16, (char *)packed + coded_bytes(kind, N, K), N, K);
-  free(values);
   return 0;
 }
 
