@@ -133,6 +133,9 @@ def library() -> ctypes.CDLL | None:
     lib.koala_attn_in.restype = lib.koala_attn_out.restype = lib.koala_mlp_out.restype = ctypes.c_int
     lib.koala_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 10 + [ctypes.c_float]
     lib.koala_attention.restype = None
+    lib.koala_layers.argtypes = (pointers + sizes + pointers + kinds + pointers * 2 + [ctypes.c_int] + pointers
+                                 + sizes * 8 + [ctypes.c_float])
+    lib.koala_layers.restype = ctypes.c_int
     lib.koala_soft_ce.argtypes = pointers + [ctypes.c_int] + pointers * 3 + sizes * 2
     lib.koala_soft_ce_grad.argtypes = pointers + [ctypes.c_int] + pointers * 2 + [ctypes.c_float] + pointers + sizes * 2
     lib.koala_softmax_entropy.argtypes = pointers * 2 + sizes * 2

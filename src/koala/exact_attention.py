@@ -38,7 +38,7 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     (B, 1, q, L) mask or None (causal, the queries being the last q positions) -> ((B, q, H, D), None)."""
     b, q, length = query.shape[0], query.shape[2], key.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    fresh = _fresh_prompts(attention_mask, b, q, length)
+    fresh = fresh_prompts(attention_mask, b, q, length)
     if not fresh:
         return _rows(query, key, value, attention_mask, scale), None
     out = query.new_zeros(b, q, query.shape[1], query.shape[3])  # a prompt's padding rows stay 0: nothing sees them
@@ -66,7 +66,7 @@ def _prompt(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
     return out[0].transpose(0, 1)
 
 
-def _fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> dict[int, int]:
+def fresh_prompts(mask: torch.Tensor | None, b: int, q: int, length: int) -> dict[int, int]:
     """{row: m} for the rows whose first m queries are a whole prompt: nothing cached before them, plain causal
     among themselves, and the row's other queries padding (see koala.tree.batch_verify_inputs)."""
     past = length - q

@@ -13,6 +13,7 @@ partial RoPE, ...) keeps its own forward.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -43,6 +44,20 @@ def _norm(module: torch.nn.Module, kind: int) -> tuple[int, float]:
     if weight is None or cpu_kernels.KINDS.get(weight.dtype) != kind:
         raise KeyError("not on koala's norm kernel")
     return weight.data_ptr(), module.forward.eps
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a fused layer's C calls read: kinds, packed-weight and bias pointers, norm eps, the activation module
+    and sizes (heads, kv_heads, head_dim, inter, hidden); koala.fused_body runs whole stacks of layers on these."""
+    kind: int
+    wkind: int
+    weights: tuple[int, ...]  # norm 1, q, k, v, o, norm 2, gate, up, down
+    biases: tuple[int | None, ...]  # q, k, v, o, gate, up, down
+    eps: tuple[float, float]
+    act: torch.nn.Module
+    sizes: tuple[int, int, int, int, int]
+    scale: float
 
 
 def fused_forward(layer: torch.nn.Module) -> Callable | None:
@@ -96,6 +111,8 @@ def fused_forward(layer: torch.nn.Module) -> Callable | None:
     # the C calls get raw pointers: hold what they point into (packed weights, biases, norm weights)
     forward.buffers = [layer.get_submodule(name).forward.kernel for name in _PARTS] + [
         layer.input_layernorm.forward, layer.post_attention_layernorm.forward]
+    forward.parts = Parts(kind, wkind, (w1, wq, wk, wv, wo, w2, wg, wu, wd), (bq, bk, bv, bo, bg, bu, bd), (eps1, eps2),
+                          act, (heads, kv_heads, d, inter, attn.q_proj.in_features), float(attn.scaling))
     return forward
 
 

@@ -48,12 +48,20 @@ class ReservedLayer(DynamicLayer):
             self.key_buffer = self.value_buffer = None
         n = self.keys.shape[-2] if self.keys.numel() else 0
         end = n + key_states.shape[-2]
-        if not (_inside(self.keys, self.key_buffer) and _inside(self.values, self.value_buffer)
-                and end <= self.key_buffer.shape[-2]):
-            self.key_buffer = _reserve(self.keys, key_states, end, self.storage)
-            self.value_buffer = _reserve(self.values, value_states, end, self.storage)
+        self.reserve(end, key_states, value_states)
         self.key_buffer[:, :, n:end] = key_states
         self.value_buffer[:, :, n:end] = value_states
+        return self.extend(end)
+
+    def reserve(self, end: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """Make the buffers hold at least `end` columns, the current keys and values in their leading ones."""
+        if not (_inside(self.keys, self.key_buffer) and _inside(self.values, self.value_buffer)
+                and end <= self.key_buffer.shape[-2]):
+            self.key_buffer = _reserve(self.keys, key_like, end, self.storage)
+            self.value_buffer = _reserve(self.values, value_like, end, self.storage)
+
+    def extend(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values become the buffers' first `end` columns (written in place before)."""
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 

@@ -164,14 +164,17 @@ class Target:
         self.eos_ids = {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.coded_linears = 0  # linears reading the GGUF's codes: their timings differ (koala.drafters.plan keys)
+        self.fused = None  # koala.fused_body.FusedBody where it applies
         if self.device.type == "cpu":
             from koala.exact_attention import use_exact_attention
+            from koala.fused_body import fused_body
             from koala.fused_layer import use_cpu_kernels
 
             use_exact_attention(self.model, self.exact_attention)  # lossless speculative decoding (see the module)
             codes = self._codes()
             use_cpu_kernels(self.model, codes)
             self.coded_linears = len(codes)
+            self.fused = fused_body(self.body)  # a decode step's layers in one C call (see the module)
 
     def _codes(self) -> dict[str, tuple[int, torch.Tensor]]:
         """The GGUF blocks the linears may read instead of bf16 weights (koala.gguf_codes); none with
@@ -245,6 +248,9 @@ class Target:
                  layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden`, plus the inputs to the body's `layers` (HF hidden_states[i]) concatenated, from the same
         forward (None when no layer is asked)."""
+        fused = self.fused and self.fused(input_ids, position_ids, cache, attention_mask, layers)
+        if fused is not None:
+            return fused
         out = self.body(input_ids=input_ids, position_ids=position_ids, cache=cache,
                         attention_mask=attention_mask, use_cache=True, output_hidden_states=bool(layers))
         aux = torch.cat([out.hidden_states[i] for i in layers], dim=-1) if layers else None

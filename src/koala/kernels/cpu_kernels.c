@@ -226,6 +226,9 @@ enum { WROWS = 8 };
 
 /* Coded weights (see "Coded weights" below): bytes of one block of 32 k of a panel, scales then codes. */
 enum { CODE_BLOCK = 32 };
+#ifndef PREFETCH
+#define PREFETCH 4
+#endif
 static inline int64_t code_block_bytes(int kind) {
   return kind == Q4 ? 2 * PANEL * 4 + 16 * PANEL : PANEL * 4 + 32 * PANEL;
 }
@@ -379,6 +382,10 @@ static inline __attribute__((always_inline)) void tile_codes(int R, int kind, in
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / CODE_BLOCK; b++) {
     const uint8_t *b0 = p0 + b * size, *b1 = p1 + b * size;
+    for (int64_t line = 0; PREFETCH && line < size; line += 64) { /* PREFETCH blocks ahead: see "Coded weights" */
+      _mm_prefetch((const char *)b0 + PREFETCH * size + line, _MM_HINT_T0);
+      _mm_prefetch((const char *)b1 + PREFETCH * size + line, _MM_HINT_T0);
+    }
     __m512 s0[4], s1[4];
     code_scales(kind, b0, s0);
     code_scales(kind, b1, s1);
@@ -637,6 +644,74 @@ int koala_mlp_out(const void *m, int kind, int wkind, const void *wd, const floa
   int bad = !d || koala_linear(m, kind, wd, wkind, bd, d, kind, M, hidden, inter);
   if (!bad) residual(r, d, r, kind, M * hidden);
   free(d);
+  return bad ? -1 : 0;
+}
+
+void koala_attention(const float *q, const float *k, const float *v, const float *mask, float *out, int64_t B,
+                     int64_t H, int64_t KVH, int64_t M, int64_t L, int64_t D, int64_t kb, int64_t kh, int64_t vb,
+                     int64_t vh, float scale);
+
+/* A decode step through a run of decoder layers in one call (koala.fused_body): per layer koala_attn_in; the new
+   keys and values widened into the layer's fp32 KV cache buffers (B, KVH, cap, D) at columns past..past + n - 1;
+   koala_attention over the past + n columns (mask (B, n, past + n) additive fp32, or NULL: causal); its fp32
+   result rounded to the kind; koala_attn_out; m = act(g) * u, the activation read from a table of its value at
+   each of the 65,536 16-bit inputs (made by the model's own activation, so its bits) and the product rounded as a
+   16-bit tensor product rounds; koala_mlp_out. These are the fused layer's Python steps with the same roundings,
+   so the step keeps their bits while Python makes one call instead of ~40 a layer. x (B * n, hidden) of kind (bf16
+   or fp16) is the first layer's input and receives the last one's output. Returns 0, or -1 without memory. */
+typedef struct {
+  const void *w1, *wq, *wk, *wv, *wo, *w2, *wg, *wu, *wd;
+  const float *bq, *bk, *bv, *bo, *bg, *bu, *bd;
+  const uint16_t *act;
+  float *keys, *values;
+  int64_t cap;
+  float eps1, eps2;
+} koala_layer;
+
+int koala_layers(const koala_layer *layers, int64_t count, void *x, int kind, int wkind, const void *cos,
+                 const void *sin, int cos_rows, const float *mask, int64_t B, int64_t n, int64_t past,
+                 int64_t hidden, int64_t H, int64_t KVH, int64_t D, int64_t inter, float scale) {
+  int64_t M = B * n, size = elem_bytes(kind), qd = M * H * D, kvd = M * KVH * D;
+  char *q = malloc((size_t)(qd * size)), *k = malloc((size_t)(kvd * size)), *v = malloc((size_t)(kvd * size));
+  char *a = malloc((size_t)(qd * size)), *r = malloc((size_t)(M * hidden * size));
+  char *g = malloc((size_t)(M * inter * size)), *u = malloc((size_t)(M * inter * size));
+  float *qf = malloc((size_t)qd * sizeof(float)), *af = malloc((size_t)qd * sizeof(float));
+  int bad = !q || !k || !v || !a || !r || !g || !u || !qf || !af;
+  char *cur = x, *next = r;
+  for (int64_t l = 0; l < count && !bad; l++) {
+    const koala_layer *y = layers + l;
+    bad = koala_attn_in(cur, kind, wkind, y->w1, y->eps1, y->wq, y->bq, y->wk, y->bk, y->wv, y->bv, cos, sin,
+                        cos_rows, q, k, v, B, n, hidden, H, KVH, D);
+    if (bad) break;
+    for (int64_t b = 0; b < B; b++) /* the cache update: (B, n, KVH, D) rows into (B, KVH, cap, D) columns */
+      for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < KVH; h++) {
+          int64_t from = ((b * n + t) * KVH + h) * D, to = ((b * KVH + h) * y->cap + past + t) * D;
+          for (int64_t d = 0; d < D; d++) {
+            y->keys[to + d] = to_float(k, kind, from + d);
+            y->values[to + d] = to_float(v, kind, from + d);
+          }
+        }
+    for (int64_t b = 0; b < B; b++) /* q as the attention reads it: (B, H, n, D) fp32 */
+      for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < H; h++)
+          for (int64_t d = 0; d < D; d++) qf[((b * H + h) * n + t) * D + d] = to_float(q, kind, ((b * n + t) * H + h) * D + d);
+    int64_t stride = KVH * y->cap * D;
+    koala_attention(qf, y->keys, y->values, mask, af, B, H, KVH, n, past + n, D, stride, y->cap * D, stride,
+                    y->cap * D, scale);
+    for (int64_t i = 0; i < qd; i++) store(a, kind, i, af[i]);
+    bad = koala_attn_out(a, kind, wkind, y->wo, y->bo, cur, next, y->w2, y->eps2, y->wg, y->bg, y->wu, y->bu, g, u,
+                         M, H * D, hidden, inter);
+    if (bad) break;
+    for (int64_t i = 0; i < M * inter; i++)
+      store(g, kind, i, to_float(y->act, kind, ((const uint16_t *)g)[i]) * to_float(u, kind, i));
+    bad = koala_mlp_out(g, kind, wkind, y->wd, y->bd, next, M, inter, hidden);
+    char *done = cur;
+    cur = next;
+    next = done;
+  }
+  if (!bad && cur != x) __builtin_memcpy(x, cur, (size_t)(M * hidden * size));
+  free(q), free(k), free(v), free(a), free(r), free(g), free(u), free(qf), free(af);
   return bad ? -1 : 0;
 }
 
