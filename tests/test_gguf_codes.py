@@ -10,7 +10,11 @@ from koala import cpu_kernels
 from koala.decode import generate
 from koala.drafters.plan import _target_key
 from koala.drafters import PromptLookupDrafter
+from koala.drafters.factory import draft_lm_head_codes
+from koala.fused_layer import use_cpu_kernels
 from koala.gguf_codes import LLAMA_NAMES, gguf_codes
+from koala.heads.checkpoint import build_head
+from koala.heads.config import HeadConfig
 from koala.invariant_linear import c_kernel
 from koala.target import Target
 
@@ -125,3 +129,17 @@ def test_the_header_reader_finds_what_gguf_py_finds(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match="not a GGUF"):
         coded_tensors(tmp_path / "notes.txt")
+
+
+def test_a_draft_heads_lm_head_reads_its_rows_of_the_targets_codes(tmp_path):
+    model, tokenizer, path = _gguf_target(tmp_path)
+    target = Target(model, tokenizer, "tiny", gguf=path)
+    assert target.lm_head_codes is not None and target.lm_head_codes[0] == cpu_kernels.Q8
+    vocab = [9, 3, 40, 7] + list(range(50, 78))  # a reduced draft vocabulary, not in id order
+    heads = [build_head(HeadConfig.for_target(target, "eagle", 1, draft_vocab=vocab), target).to(torch.bfloat16)
+             for _ in range(2)]
+    use_cpu_kernels(heads[0], draft_lm_head_codes(heads[0], target))
+    use_cpu_kernels(heads[1])
+    assert c_kernel(heads[0].lm_head).kind == cpu_kernels.Q8 and c_kernel(heads[1].lm_head).kind == cpu_kernels.KINDS[torch.bfloat16]
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.equal(heads[0].lm_head(x), heads[1].lm_head(x))

@@ -3,8 +3,8 @@
 After koala.fused_layer a one-token SmolLM2 step (bf16, 2 threads, Zen 4) still spent ~4 of its ~12 ms in Python
 and torch ops around the C calls: module calls, the KV cache's bookkeeping, the attention's conversions and views,
 ~40 calls a layer. For a step on top of a koala KV cache (ReservedCache in fp32; a fresh prompt keeps its SDPA
-forward) with every layer fused and 16-bit activations, `FusedBody` computes the embedding, the rotary tables and
-the mask as the model does, runs the layers in C (koala_layers: the fused layer's steps with the same roundings,
+forward) with every layer fused and 16-bit activations, `FusedBody` computes the embedding and the rotary tables as the
+model does, runs the layers in C (koala_layers: the fused layer's steps with the same roundings,
 the activation read from a table of the model's own activation at all 65,536 16-bit inputs), then the final norm.
 `fused_body` checks it against the model's own forward on probes (outputs, the inputs to asked-for layers and
 every cache entry, bit for bit) and gives None where it differs or does not fit; `KOALA_FUSED_BODY=0` turns it off.
@@ -15,8 +15,6 @@ import ctypes
 import os
 
 import torch
-from transformers.masking_utils import create_causal_mask
-
 from koala import cpu_kernels
 from koala.exact_attention import fresh_prompts
 from koala.kvcache import ReservedCache, ReservedLayer
@@ -76,8 +74,7 @@ class FusedBody:
         if x.dtype != self.dtype:
             return None
         cos, sin = (t.contiguous() for t in self.body.rotary_emb(x, position_ids))
-        mask = create_causal_mask(config=self.body.config, inputs_embeds=x, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids)
+        mask = attention_mask  # a 4D mask is what the model's layers get too; None: causal, which the kernel does
         if fresh_prompts(mask, b, n, end):
             return None
         if mask is not None:  # as koala.exact_attention gives it to the kernel

@@ -165,6 +165,7 @@ class Target:
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.coded_linears = 0  # linears reading the GGUF's codes: their timings differ (koala.drafters.plan keys)
         self.fused = None  # koala.fused_body.FusedBody where it applies
+        self.lm_head_codes: tuple[int, torch.Tensor] | None = None  # (kind, GGUF blocks) behind the LM head
         if self.device.type == "cpu":
             from koala.exact_attention import use_exact_attention
             from koala.fused_body import fused_body
@@ -174,6 +175,8 @@ class Target:
             codes = self._codes()
             use_cpu_kernels(self.model, codes)
             self.coded_linears = len(codes)
+            self.lm_head_codes = next((codes[n] for n, m in self.model.named_modules() if m is self.lm_head and n in codes),
+                                      None)  # draft heads' LM heads read their rows (koala.drafters.factory)
             self.fused = fused_body(self.body)  # a decode step's layers in one C call (see the module)
 
     def _codes(self) -> dict[str, tuple[int, torch.Tensor]]:

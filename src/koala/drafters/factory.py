@@ -5,6 +5,8 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from koala.drafters.base import Drafter
 from koala.drafters.gate import GatedDrafter
 from koala.drafters.hybrid import FirstOf
@@ -15,6 +17,7 @@ from koala.drafters.trees import Path as TreePath
 from koala.fused_layer import use_cpu_kernels
 from koala.heads.checkpoint import load_head
 from koala.heads.config import WEIGHTS
+from koala.heads.vocab import DraftLMHead
 from koala.kinds import kind
 
 
@@ -66,6 +69,17 @@ def _file_hash(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()[:20]
 
 
+def draft_lm_head_codes(head: torch.nn.Module, target) -> dict[str, tuple[int, torch.Tensor]]:
+    """{module name: (kind, blocks)} for a head's frozen draft LM head: its rows of the target LM head's GGUF codes
+    (a coded kernel reads 9 bits a weight instead of 16, with the same bits; koala.gguf_codes), where the target has
+    them."""
+    if target.lm_head_codes is None:
+        return {}
+    kind, blocks = target.lm_head_codes
+    return {name: (kind, blocks if m.ids is None else blocks[m.ids.cpu()]) for name, m in head.named_modules()
+            if isinstance(m, DraftLMHead) and not isinstance(m.weight, torch.nn.Parameter)}
+
+
 def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | None = None, depth: int | None = None,
                      top_k: int | None = None, total_tokens: int | str | None = "auto", gate: bool = True,
                      lookup: int = LOOKUP_MIN_NGRAM) -> Drafter:
@@ -84,7 +98,7 @@ def drafter_for_head(path: str | Path, target, tree: str | Sequence[TreePath] | 
         raise ValueError(f"--lookup must be >= 0 (0 = off), got {lookup}.")
     head = load_head(path, target)
     if target.device.type == "cpu":  # the same kernels as the target: faster than torch's at a draft step's rows
-        use_cpu_kernels(head)
+        use_cpu_kernels(head, draft_lm_head_codes(head, target))
     cls = kind(head.cfg.kind).drafter
     _, full_depth, top_k = cls.settings(head.cfg, tree, depth, top_k)  # checks what was given; fills the defaults
     acceptance = _acceptance(head.extra, cls.default_acceptance, path)

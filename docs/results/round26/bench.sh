@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Round 26 (Zen 4 host): a decode step's layers in one C call (koala.fused_body). Nothing else running.
+# 1. scripts/bench_codes.py --switch KOALA_FUSED_BODY: the fused stack against the same target running its layers
+#    one by one, side by side (13 Spec-Bench questions, one per category; vanilla, EAGLE, eagle3; outputs checked
+#    identical) -> fused.txt.
+# 2. `koala bench` as in rounds 24-25 (26 questions, 2 per category, 128 tokens, greedy, bf16, 2 threads, two timed
+#    runs per question, median kept) with HF generate (transformers' loop and layer forwards on koala's kernels),
+#    prompt lookup and every shipped head -> bench/.
+set -e
+cd "$(dirname "$0")/../../.."
+H=heads/smollm2-135m
+[ -n "$SKIP_AB" ] || .venv/bin/python scripts/bench_codes.py --switch KOALA_FUSED_BODY --prompts 13 \
+  --heads $H/eagle $H/eagle3 --runs 2 | tee docs/results/round26/fused.txt
+.venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
+  --max-new-tokens 128 --threads 2 --dtype bfloat16 --runs 2 \
+  --method hf-generate --method pld --method eagle=$H/eagle --method eagle-koala=$H/eagle-koala \
+  --method eagle3=$H/eagle3 --method eagle3-koala=$H/eagle3-koala --method medusa=$H/medusa \
+  --method medusa-koala=$H/medusa-koala --out docs/results/round26/bench
