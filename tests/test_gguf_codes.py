@@ -140,6 +140,7 @@ def test_a_draft_heads_lm_head_reads_its_rows_of_the_targets_codes(tmp_path):
              for _ in range(2)]
     use_cpu_kernels(heads[0], draft_lm_head_codes(heads[0], target))
     use_cpu_kernels(heads[1])
-    assert c_kernel(heads[0].lm_head).kind == cpu_kernels.Q8 and c_kernel(heads[1].lm_head).kind == cpu_kernels.KINDS[torch.bfloat16]
+    assert c_kernel(heads[0].lm_head).kind == cpu_kernels.Q8
+    assert c_kernel(heads[1].lm_head).kind == cpu_kernels.KINDS[torch.bfloat16]
     x = torch.randn(3, 64).bfloat16()
     assert torch.equal(heads[0].lm_head(x), heads[1].lm_head(x))

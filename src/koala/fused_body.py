@@ -3,9 +3,9 @@
 After koala.fused_layer a one-token SmolLM2 step (bf16, 2 threads, Zen 4) still spent ~4 of its ~12 ms in Python
 and torch ops around the C calls: module calls, the KV cache's bookkeeping, the attention's conversions and views,
 ~40 calls a layer. For a step on top of a koala KV cache (ReservedCache in fp32; a fresh prompt keeps its SDPA
-forward) with every layer fused and 16-bit activations, `FusedBody` computes the embedding and the rotary tables as the
-model does, runs the layers in C (koala_layers: the fused layer's steps with the same roundings,
-the activation read from a table of the model's own activation at all 65,536 16-bit inputs), then the final norm.
+forward) with every layer fused and 16-bit activations, `FusedBody` computes the embedding and the rotary tables
+as the model does, runs the layers in C (koala_layers: the fused layer's steps with the same roundings, the
+activation read from a table of the model's own activation at all 65,536 16-bit inputs), then the final norm.
 `fused_body` checks it against the model's own forward on probes (outputs, the inputs to asked-for layers and
 every cache entry, bit for bit) and gives None where it differs or does not fit; `KOALA_FUSED_BODY=0` turns it off.
 """
@@ -15,6 +15,7 @@ import ctypes
 import os
 
 import torch
+
 from koala import cpu_kernels
 from koala.exact_attention import fresh_prompts
 from koala.kvcache import ReservedCache, ReservedLayer
@@ -61,7 +62,8 @@ class FusedBody:
         count = len(self.layers)
         entries = getattr(cache, "layers", None)
         if (not isinstance(cache, ReservedCache) or entries is None or len(entries) != count
-                or any(not 0 <= i < count for i in layers) or (attention_mask is not None and attention_mask.dim() != 4)):
+                or any(not 0 <= i < count for i in layers)
+                or (attention_mask is not None and attention_mask.dim() != 4)):
             return None
         b, n = input_ids.shape
         shape = entries[0].keys.shape if isinstance(entries[0], ReservedLayer) and entries[0].is_initialized else None

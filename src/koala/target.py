@@ -175,8 +175,8 @@ class Target:
             codes = self._codes()
             use_cpu_kernels(self.model, codes)
             self.coded_linears = len(codes)
-            self.lm_head_codes = next((codes[n] for n, m in self.model.named_modules() if m is self.lm_head and n in codes),
-                                      None)  # draft heads' LM heads read their rows (koala.drafters.factory)
+            self.lm_head_codes = next((codes[n] for n, m in self.model.named_modules()  # draft heads read their rows
+                                       if m is self.lm_head and n in codes), None)  # (koala.drafters.factory)
             self.fused = fused_body(self.body)  # a decode step's layers in one C call (see the module)
 
     def _codes(self) -> dict[str, tuple[int, torch.Tensor]]:

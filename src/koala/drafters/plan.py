@@ -207,7 +207,8 @@ def _target_key(target: Target) -> list:
     return [device_name(target.device), target.name, type(target.model).__name__, cfg.hidden_size,
             cfg.num_hidden_layers, str(target.dtype), getattr(cfg, "_attn_implementation", None),
             target.identity["lm_head_sha256"], CONTEXT, FORWARD_VERSION,
-            [cpu_kernels.version(), bf16_backend(), target.coded_linears, target.fused is not None] if target.device.type == "cpu" else None]
+            [cpu_kernels.version(), bf16_backend(), target.coded_linears, target.fused is not None]
+            if target.device.type == "cpu" else None]
 
 
 def latency_profile(target: Target, sizes: Sequence[int] = DEFAULT_SIZES, refresh: bool = False) -> dict[int, float]:

@@ -445,9 +445,12 @@ int koala_pack_codes(const void *blocks, int kind, void *packed, int64_t N, int6
         }
         for (int j = 0; j < CODE_BLOCK / 2; j++)  /* column c's codes at k = 2j, 2j + 1 */
           for (int h = 0; h < 2; h++) {
-            if (kind == Q4) /* step j's byte 2 (c % 8) + h, grouped by four steps (see "Coded weights") */
-              out[steps + j / 4 * 4 * PANEL + 4 * (2 * (c % 8) + h) + j % 4] |= (uint8_t)(q[2 * j + h] << (c < 8 ? 0 : 4));
-            else out[steps + j * 2 * PANEL + (c < 8 ? 0 : PANEL) + 2 * (c % 8) + h] = q[2 * j + h];
+            if (kind == Q4) { /* step j's byte 2 (c % 8) + h, grouped by four steps (see "Coded weights") */
+              int64_t at = steps + j / 4 * 4 * PANEL + 4 * (2 * (c % 8) + h) + j % 4;
+              out[at] |= (uint8_t)(q[2 * j + h] << (c < 8 ? 0 : 4));
+            } else {
+              out[steps + j * 2 * PANEL + (c < 8 ? 0 : PANEL) + 2 * (c % 8) + h] = q[2 * j + h];
+            }
           }
       }
     }
