@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from koala import cpu_kernels
-from koala.decode import generate, generate_batch
+from koala.decode import Decoder, Request, generate, generate_batch
 from koala.drafters import PromptLookupDrafter
 from koala.fused_body import activation_table, fused_body
 from koala.target import Target
@@ -94,3 +94,22 @@ def test_where_it_does_not_apply_the_models_own_forward_runs(monkeypatch):
     assert fused_body(target.body) is None
     windowed = tiny_target("mistral", sliding_window=4)
     assert Target(windowed.model.to(torch.bfloat16), windowed.tokenizer, "w").fused is None
+
+
+def test_rows_that_finish_leave_and_join_keep_their_answers_on_the_fused_stack():
+    """Rows of other budgets finish and leave the batch (their cache rows dropped), a queued one joins with its
+    prompt (a fresh prompt: the model's own forward for that step), one is cancelled: every answer is still the
+    one it gets alone without the fused stack."""
+    target = _target("llama", torch.bfloat16)
+    own = _unfused(target)
+    asks = [([5, 6, 7, 5, 6, 7], 5), ([9, 10, 11], 17), ([20, 21, 22, 23], 11), ([30, 31], 9)]
+    decoder = Decoder(target, max_batch=3)
+    rows = [decoder.add(Request(ids, max_new_tokens=n, drafter=PromptLookupDrafter())) for ids, n in asks]
+    cancelled = decoder.add(Request([40, 41, 42], max_new_tokens=30))
+    for _ in range(3):
+        decoder.step()
+    decoder.cancel(cancelled)
+    while decoder.busy:
+        decoder.step()
+    for row, (ids, n) in zip(rows, asks):
+        assert row.ids[len(ids):] == generate(own, ids, max_new_tokens=n).tokens

@@ -11,6 +11,10 @@
 set -e
 cd "$(dirname "$0")/../../.."
 H=heads/smollm2-135m
+if [ -n "$STOCK" ]; then
+  exec .venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
+    --max-new-tokens 128 --threads 2 --dtype bfloat16 --runs 1 --method hf-stock --out docs/results/round26/bench-stock
+fi
 [ -n "$SKIP_AB" ] || .venv/bin/python scripts/bench_codes.py --switch KOALA_FUSED_BODY --prompts 13 \
   --heads $H/eagle $H/eagle3 --runs 2 | tee docs/results/round26/fused.txt
 .venv/bin/koala bench --questions ../shared/data/spec_bench/question.jsonl --limit-per-category 2 \
@@ -18,3 +22,5 @@ H=heads/smollm2-135m
   --method hf-generate --method pld --method eagle=$H/eagle --method eagle-koala=$H/eagle-koala \
   --method eagle3=$H/eagle3 --method eagle3-koala=$H/eagle3-koala --method medusa=$H/medusa \
   --method medusa-koala=$H/medusa-koala --out "${OUT:-docs/results/round26/bench}"
+# 4. Plain transformers (hf-stock: its own layer forwards and SDPA, none of koala's kernels) beside vanilla, one
+#    timed run per question: STOCK=1 bash docs/results/round26/bench.sh -> bench-stock/.
