@@ -717,7 +717,8 @@ int koala_layers(const koala_layer *layers, int64_t count, void *x, int kind, in
     for (int64_t b = 0; b < B; b++) /* q as the attention reads it: (B, H, n, D) fp32 */
       for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < H; h++)
-          for (int64_t d = 0; d < D; d++) qf[((b * H + h) * n + t) * D + d] = to_float(q, kind, ((b * n + t) * H + h) * D + d);
+          for (int64_t d = 0; d < D; d++)
+            qf[((b * H + h) * n + t) * D + d] = to_float(q, kind, ((b * n + t) * H + h) * D + d);
     int64_t stride = KVH * y->cap * D;
     koala_attention(qf, y->keys, y->values, mask, af, B, H, KVH, n, past + n, D, stride, y->cap * D, stride,
                     y->cap * D, scale);
