@@ -342,7 +342,9 @@ static inline __attribute__((always_inline)) void tile(int R, int kind, int dot,
    and calls of more rows run on those (the same bits again, at 16 bits a weight of memory more). Each block's turn
    prefetches the block AHEAD blocks on in both panels: with the rebuild between loads the hardware prefetchers
    lagged (a one-row 1536 x 576 Q4_1 call 53 -> 41 us, a whole decode step ~10% faster; 2, 3, 6 and 8 did no
-   better). */
+   better). The prefetches are non-temporal: a step reads each weight once, and with the T0 hint the ~110 MB of
+   codes a step streams evicted what the next step reads again (KV cache, a draft head's weights, scratch) from
+   the caches: whole generations ran 5-10% faster with NTA (docs/benchmark.md, round 26). */
 
 /* 16 columns' fp32 scales as the two vectors code_step wants: lane i holds column i / 2, or 8 + i / 2. */
 static inline void code_lanes(const uint8_t *v, __m512 *lo, __m512 *hi) {
@@ -392,8 +394,8 @@ static inline __attribute__((always_inline)) void tile_codes(int R, int kind, in
   for (int64_t b = 0; b < K / CODE_BLOCK; b++) {
     const uint8_t *b0 = p0 + b * size, *b1 = p1 + b * size;
     for (int64_t line = 0; line < size; line += 64) {
-      _mm_prefetch((const char *)b0 + AHEAD * size + line, _MM_HINT_T0);
-      _mm_prefetch((const char *)b1 + AHEAD * size + line, _MM_HINT_T0);
+      _mm_prefetch((const char *)b0 + AHEAD * size + line, _MM_HINT_NTA);
+      _mm_prefetch((const char *)b1 + AHEAD * size + line, _MM_HINT_NTA);
     }
     __m512 s0[4], s1[4];
     code_scales(kind, b0, s0);
