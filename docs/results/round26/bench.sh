@@ -22,5 +22,6 @@ fi
   --method hf-generate --method pld --method eagle=$H/eagle --method eagle-koala=$H/eagle-koala \
   --method eagle3=$H/eagle3 --method eagle3-koala=$H/eagle3-koala --method medusa=$H/medusa \
   --method medusa-koala=$H/medusa-koala --out "${OUT:-docs/results/round26/bench}"
+# 5. After the non-temporal prefetch: SKIP_AB=1 OUT=docs/results/round26/bench-nta bash docs/results/round26/bench.sh
 # 4. Plain transformers (hf-stock: its own layer forwards and SDPA, none of koala's kernels) beside vanilla, one
 #    timed run per question: STOCK=1 bash docs/results/round26/bench.sh -> bench-stock/.
