@@ -6,8 +6,12 @@
 # 2. `koala bench` as in rounds 24-25 (26 questions, 2 per category, 128 tokens, greedy, bf16, 2 threads, two timed
 #    runs per question, median kept) with HF generate (transformers' loop and layer forwards on koala's kernels),
 #    prompt lookup and every shipped head -> bench/.
-# 3. The same after the last kernel change of the round (Q4 codes grouped four steps to a load, the draft LM head
-#    on Q8_0 codes, no mask call): SKIP_AB=1 OUT=docs/results/round26/bench-final bash docs/results/round26/bench.sh
+# 3. The same after the Q4 codes were grouped four steps to a load (and the draft LM head put on Q8_0 codes, one
+#    mask call dropped): SKIP_AB=1 OUT=docs/results/round26/bench-final bash docs/results/round26/bench.sh
+# 4. Plain transformers (hf-stock: its own layer forwards and SDPA, none of koala's kernels) beside vanilla, one
+#    timed run per question: STOCK=1 bash docs/results/round26/bench.sh -> bench-stock/.
+# 5. After the non-temporal prefetch (the round's last kernel): SKIP_AB=1 OUT=docs/results/round26/bench-nta bash
+#    docs/results/round26/bench.sh
 set -e
 cd "$(dirname "$0")/../../.."
 H=heads/smollm2-135m
@@ -22,6 +26,3 @@ fi
   --method hf-generate --method pld --method eagle=$H/eagle --method eagle-koala=$H/eagle-koala \
   --method eagle3=$H/eagle3 --method eagle3-koala=$H/eagle3-koala --method medusa=$H/medusa \
   --method medusa-koala=$H/medusa-koala --out "${OUT:-docs/results/round26/bench}"
-# 5. After the non-temporal prefetch: SKIP_AB=1 OUT=docs/results/round26/bench-nta bash docs/results/round26/bench.sh
-# 4. Plain transformers (hf-stock: its own layer forwards and SDPA, none of koala's kernels) beside vanilla, one
-#    timed run per question: STOCK=1 bash docs/results/round26/bench.sh -> bench-stock/.
