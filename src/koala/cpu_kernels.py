@@ -291,18 +291,27 @@ def use_kernel_norms(model: torch.nn.Module) -> int:
     return count
 
 
+def attention_mask(mask: torch.Tensor | None, b: int, q: int, length: int) -> torch.Tensor | None:
+    """A (B or 1, 1, q, L) boolean ("may attend") or additive mask as koala_attention reads it: additive fp32
+    (B, 1, q, L), contiguous (None stays None: causal). The per-layer attention and koala.fused_body both use it."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    return mask.float().expand(b, 1, q, length).contiguous()
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
     """query (B, H, q, D) any float dtype; key/value (B, KVH, L, D) fp32 with contiguous rows (a cache's views);
-    mask (B, 1, q, L) additive fp32 or None (causal, the queries being the last q positions) -> (B, q, H, D) fp32.
-    Needs `library()`."""
+    mask (B, 1, q, L) boolean or additive, or None (causal, the queries being the last q positions) -> (B, q, H, D)
+    fp32. Needs `library()`."""
     b, heads, q, d = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     if key.stride(-1) != 1 or key.stride(-2) != d or value.stride(-1) != 1 or value.stride(-2) != d:
         key, value = key.contiguous(), value.contiguous()
     query = query.float().contiguous()
-    if mask is not None:
-        mask = mask.float().expand(b, 1, q, length).contiguous()
+    mask = attention_mask(mask, b, q, length)
     out = torch.empty(b, q, heads, d)
     library().koala_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(),
                               None if mask is None else mask.data_ptr(), out.data_ptr(), b, heads, kv_heads, q,

@@ -106,8 +106,6 @@ def _rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention
     if key.device.type != "cpu" or cpu_kernels.library() is None or key.dtype not in _WIDENS:
         return _float64(query, key, value, attention_mask, scale)
     key, value = key.float(), value.float()  # no copy for an fp32 cache
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(torch.float32).min)
     return cpu_kernels.attention(query, key, value, attention_mask, scale).to(query.dtype)
 
 

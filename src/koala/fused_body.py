@@ -76,13 +76,9 @@ class FusedBody:
         if x.dtype != self.dtype:
             return None
         cos, sin = (t.contiguous() for t in self.body.rotary_emb(x, position_ids))
-        mask = attention_mask  # a 4D mask is what the model's layers get too; None: causal, which the kernel does
-        if fresh_prompts(mask, b, n, end):
+        if fresh_prompts(attention_mask, b, n, end):  # a 4D mask is what the layers get too; None: causal
             return None
-        if mask is not None:  # as koala.exact_attention gives it to the kernel
-            if mask.dtype == torch.bool:
-                mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
-            mask = mask.float().expand(b, 1, n, end).contiguous()
+        mask = cpu_kernels.attention_mask(attention_mask, b, n, end)  # as the per-layer attention gives it
         for y, e in zip(self.layers, entries):
             e.reserve(end, e.keys, e.values)
             y.keys, y.values, y.cap = e.key_buffer.data_ptr(), e.value_buffer.data_ptr(), e.key_buffer.shape[-2]
